@@ -1,0 +1,1 @@
+"""The pure pipeline (embed, cache, sink): no Kafka in here."""

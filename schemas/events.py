@@ -1,0 +1,204 @@
+"""Event types and their codecs: every validation rule for data from the wire lives here.
+
+Nothing in this module does I/O. Decoding never raises anything but `InvalidEvent`, so
+the runtime can turn any bad input into exactly one dead letter.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import unicodedata
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+# Point ids are UUID5(POINT_NAMESPACE, event id): a replayed event overwrites its own point.
+# Changing this namespace orphans every stored point, so it is part of the public contract.
+POINT_NAMESPACE = uuid.UUID("6f1c2a8e-3b7d-5e4f-9a10-e1b0d7c5a4f2")
+
+RESULT_STATUS_OK = "ok"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Size limits enforced before and after parsing (bytes are UTF-8 encoded sizes)."""
+
+    max_message_bytes: int = 1_000_000
+    """Raw Kafka value size; checked before the JSON parser sees the bytes."""
+    max_text_bytes: int = 100_000
+    max_id_chars: int = 256
+    max_metadata_bytes: int = 16_384
+    max_depth: int = 32
+    """Nesting depth of the whole JSON value (orjson itself stops at 1024)."""
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class InvalidEvent(Exception):
+    """Input that can never be processed; `kind` is a stable, machine-readable reason."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class InputEvent:
+    id: str
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth, stopping early once `limit` is exceeded."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def _check_string(name: str, value: Any) -> str:
+    if value is None:
+        raise InvalidEvent(f"missing_{name}", f"field '{name}' is missing")
+    if not isinstance(value, str):
+        raise InvalidEvent(f"invalid_{name}", f"field '{name}' must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise InvalidEvent(f"invalid_{name}", f"field '{name}' contains a NUL character")
+    if not value.strip():
+        raise InvalidEvent(f"empty_{name}", f"field '{name}' is empty")
+    return value
+
+
+def decode_input(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> InputEvent:
+    """Decode one Kafka value into an `InputEvent` or raise `InvalidEvent`."""
+    if raw is None:
+        raise InvalidEvent("empty_message", "message value is null (tombstone)")
+    if len(raw) > limits.max_message_bytes:
+        raise InvalidEvent(
+            "message_too_large", f"message is {len(raw)} bytes, limit is {limits.max_message_bytes}"
+        )
+    try:
+        # orjson rejects invalid UTF-8 and lone surrogates, and refuses integers beyond 64 bits.
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent("invalid_json", f"not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidEvent("not_an_object", f"expected a JSON object, got {type(value).__name__}")
+    if _depth(value, limits.max_depth) > limits.max_depth:
+        raise InvalidEvent("too_deep", f"JSON nesting deeper than {limits.max_depth}")
+
+    event_id = _check_string("id", value.get("id"))
+    if len(event_id) > limits.max_id_chars:
+        raise InvalidEvent("id_too_long", f"id is {len(event_id)} characters, limit is {limits.max_id_chars}")
+    text = _check_string("text", value.get("text"))
+    text_bytes = len(text.encode("utf-8"))
+    if text_bytes > limits.max_text_bytes:
+        raise InvalidEvent("text_too_large", f"text is {text_bytes} bytes, limit is {limits.max_text_bytes}")
+
+    metadata = value.get("metadata")
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict):
+        raise InvalidEvent("invalid_metadata", f"metadata must be an object, got {type(metadata).__name__}")
+    elif metadata:
+        size = len(orjson.dumps(metadata))
+        if size > limits.max_metadata_bytes:
+            raise InvalidEvent(
+                "metadata_too_large", f"metadata is {size} bytes, limit is {limits.max_metadata_bytes}"
+            )
+    return InputEvent(id=event_id, text=text, metadata=metadata)
+
+
+def encode_input(event: InputEvent) -> bytes:
+    body: dict[str, Any] = {"id": event.id, "text": event.text}
+    if event.metadata:
+        body["metadata"] = event.metadata
+    return orjson.dumps(body)
+
+
+def point_id(event_id: str) -> str:
+    """The Qdrant point id of an event: stable across replays and workers."""
+    return str(uuid.uuid5(POINT_NAMESPACE, event_id))
+
+
+def normalize_text(text: str) -> str:
+    """The form under which two texts count as the same content (NFC, outer whitespace)."""
+    return unicodedata.normalize("NFC", text).strip()
+
+
+def content_hash(model: str, text: str) -> str:
+    """Hex SHA-256 of (model, normalized text); the cache key and the payload's `content_hash`."""
+    digest = hashlib.sha256()
+    digest.update(model.encode("utf-8"))
+    digest.update(b"\x00")
+    digest.update(normalize_text(text).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResultEvent:
+    id: str
+    point_id: str
+    collection: str
+    model: str
+    dim: int
+    cached: bool
+    truncated: bool
+    content_hash: str
+    status: str = RESULT_STATUS_OK
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "id": self.id,
+                "point_id": self.point_id,
+                "collection": self.collection,
+                "model": self.model,
+                "dim": self.dim,
+                "cached": self.cached,
+                "truncated": self.truncated,
+                "content_hash": self.content_hash,
+                "status": self.status,
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourcePosition:
+    topic: str
+    partition: int
+    offset: int
+
+
+def encode_dead_letter(*, kind: str, message: str, source: SourcePosition, payload: bytes | None) -> bytes:
+    """A dead letter carries the original bytes: as text when UTF-8, else base64."""
+    body: dict[str, Any] = {
+        "error": {"type": kind, "message": message},
+        "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset},
+    }
+    if payload is None:
+        body["payload"] = None
+        body["payload_encoding"] = "none"
+    else:
+        try:
+            text = payload.decode("utf-8")
+            orjson.dumps(text)  # lone surrogates cannot be re-encoded as JSON text
+            body["payload"] = text
+            body["payload_encoding"] = "utf-8"
+        except (UnicodeDecodeError, orjson.JSONEncodeError):
+            body["payload"] = base64.b64encode(payload).decode("ascii")
+            body["payload_encoding"] = "base64"
+    return orjson.dumps(body)

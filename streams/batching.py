@@ -1,0 +1,103 @@
+"""Micro-batching: a batch closes on a message count, a token budget or a maximum wait.
+
+The policy is adaptive. With the backlog (consumer lag) at or below `low_lag`, batches
+close after `min_wait_seconds` with the base limits: latency first. At or above
+`high_lag` they wait up to `max_wait_seconds` and may grow to the high limits:
+throughput first (fewer round trips to Redis and Qdrant per message). In between, the
+limits are interpolated linearly. On a full buffer a batch never waits: it is ready.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchPolicy:
+    min_messages: int = 64
+    max_messages: int = 256
+    min_tokens: int = 4096
+    max_tokens: int = 16384
+    min_wait_seconds: float = 0.005
+    max_wait_seconds: float = 0.25
+    low_lag: int = 100
+    high_lag: int = 5000
+
+    def targets(self, lag: int) -> tuple[int, int, float]:
+        """(message limit, token budget, max wait) for the current lag."""
+        if lag <= self.low_lag:
+            share = 0.0
+        elif lag >= self.high_lag:
+            share = 1.0
+        else:
+            share = (lag - self.low_lag) / (self.high_lag - self.low_lag)
+        messages = round(self.min_messages + share * (self.max_messages - self.min_messages))
+        tokens = round(self.min_tokens + share * (self.max_tokens - self.min_tokens))
+        wait = self.min_wait_seconds + share * (self.max_wait_seconds - self.min_wait_seconds)
+        return messages, tokens, wait
+
+
+class Batcher(Generic[Item]):
+    """Accumulates items with their token estimates; `take` returns one batch."""
+
+    def __init__(self, policy: BatchPolicy) -> None:
+        self.policy = policy
+        self._items: list[tuple[Item, int]] = []
+        self._tokens = 0
+        self._opened_at: float | None = None
+        self.max_messages, self.max_tokens, self.max_wait = policy.targets(0)
+
+    def adapt(self, lag: int) -> None:
+        self.max_messages, self.max_tokens, self.max_wait = self.policy.targets(lag)
+
+    def add(self, item: Item, tokens: int, now: float) -> None:
+        if self._opened_at is None:
+            self._opened_at = now
+        self._items.append((item, tokens))
+        self._tokens += tokens
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def ready(self, now: float) -> bool:
+        if not self._items:
+            return False
+        if len(self._items) >= self.max_messages or self._tokens >= self.max_tokens:
+            return True
+        return now - (self._opened_at or now) >= self.max_wait
+
+    def seconds_until_due(self, now: float) -> float | None:
+        if not self._items:
+            return None
+        return max(0.0, self.max_wait - (now - (self._opened_at or now)))
+
+    def take(self, now: float) -> list[Item]:
+        """The oldest items up to the message limit and token budget (at least one)."""
+        count, tokens = 0, 0
+        for _, item_tokens in self._items:
+            if count and (count >= self.max_messages or tokens + item_tokens > self.max_tokens):
+                break
+            count += 1
+            tokens += item_tokens
+        batch, self._items = self._items[:count], self._items[count:]
+        self._tokens -= tokens
+        self._opened_at = now if self._items else None
+        return [item for item, _ in batch]
+
+    def drain(self) -> list[Item]:
+        items = [item for item, _ in self._items]
+        self._items, self._tokens, self._opened_at = [], 0, None
+        return items
+
+    def remove(self, predicate) -> list[Item]:
+        """Remove and return the items matching `predicate` (for revoked partitions)."""
+        kept = [(i, t) for i, t in self._items if not predicate(i)]
+        removed = [i for i, _ in self._items if predicate(i)]
+        self._items = kept
+        self._tokens = sum(t for _, t in kept)
+        if not kept:
+            self._opened_at = None
+        return removed

@@ -1,0 +1,276 @@
+"""Settings from flags or `EMBEDWORKER_*` environment variables, from one table of options.
+
+The same table builds the CLI flags, the environment lookup and the README's
+configuration table. A bad value raises `ConfigError` naming the setting; the CLI prints
+that one line and exits 2. Secret values never appear in `repr`, logs or errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping
+
+ENV_PREFIX = "EMBEDWORKER_"
+
+
+class ConfigError(Exception):
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"invalid setting {setting}: {message}")
+        self.setting = setting
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be zero or a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number (0 disables)")
+    return value
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _text(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("bootstrap_servers", "localhost:9092", _nonempty, "Kafka bootstrap servers, comma-separated"),
+    Option("input_topic", "texts", _nonempty, "Topic of input text events"),
+    Option("output_topic", "embeddings", _nonempty, "Topic of result events"),
+    Option("dlq_topic", "texts.dlq", _nonempty, "Dead-letter topic"),
+    Option("group_id", "embedworker", _nonempty, "Kafka consumer group"),
+    Option("kafka_security_protocol", "PLAINTEXT", _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"), "Kafka security protocol"),
+    Option("kafka_sasl_mechanism", "PLAIN", _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"), "SASL mechanism"),
+    Option("kafka_sasl_username", "", _text, "SASL user name"),
+    Option("kafka_sasl_password", "", _text, "SASL password", secret=True),
+    Option("kafka_ssl_cafile", "", _text, "CA bundle to verify the brokers (TLS)"),
+    Option("kafka_ssl_certfile", "", _text, "Client certificate (mutual TLS)"),
+    Option("kafka_ssl_keyfile", "", _text, "Client private key (mutual TLS)"),
+    Option("redis_url", "", _text, "Redis URL for the vector cache (redis:// or rediss://); empty: no cache", secret=True),
+    Option("cache_ttl_seconds", 7 * 24 * 3600, _positive_int, "Lifetime of a cached vector"),
+    Option("cache_dtype", "float32", _choice("float32", "float16"), "Stored vector precision in Redis"),
+    Option("qdrant_url", "", _text, "Qdrant server URL (https:// for TLS)"),
+    Option("qdrant_api_key", "", _text, "Qdrant API key", secret=True),
+    Option("qdrant_path", "", _text, "Directory of an embedded Qdrant store (when no URL); empty: in memory"),
+    Option("collection", "texts", _nonempty, "Qdrant collection"),
+    Option("store_text", True, _bool, "Keep the text in the point payload"),
+    Option("model", "all-MiniLM-L6-v2", _nonempty, "Model name or path (default: the bundled all-MiniLM-L6-v2)"),
+    Option("device", "auto", _nonempty, "auto, cpu, cuda, cuda:N or mps"),
+    Option("metrics_port", 9108, _port, "Port of /metrics (0: off)"),
+    Option("metrics_host", "127.0.0.1", _nonempty, "Address /metrics binds to"),
+    Option("batch_min_messages", 64, _positive_int, "Batch size limit at low lag"),
+    Option("batch_max_messages", 256, _positive_int, "Batch size limit at high lag"),
+    Option("batch_min_tokens", 4096, _positive_int, "Token budget of a batch at low lag"),
+    Option("batch_max_tokens", 16384, _positive_int, "Token budget of a batch at high lag"),
+    Option("batch_min_wait_ms", 5.0, _positive_float, "Longest wait for a batch to fill at low lag"),
+    Option("batch_max_wait_ms", 250.0, _positive_float, "Longest wait for a batch to fill at high lag"),
+    Option("lag_low", 100, _non_negative_int, "Lag (records) at or below which batching favours latency"),
+    Option("lag_high", 5000, _positive_int, "Lag (records) at or above which batching favours throughput"),
+    Option("max_in_flight_batches", 3, _positive_int, "Batches processed concurrently (pipelining depth)"),
+    Option("buffer_max_messages", 5000, _positive_int, "Pause when this many messages are buffered"),
+    Option("buffer_max_bytes", 64 * 1024 * 1024, _positive_int, "Pause when this many bytes are buffered"),
+    Option("memory_budget_bytes", 0, _non_negative_int, "Pause when RSS reaches 90% of this (0: off)"),
+    Option("fetch_max_records", 500, _positive_int, "Most records per fetch call"),
+    Option("max_message_bytes", 1_000_000, _positive_int, "Largest input message accepted"),
+    Option("max_text_bytes", 100_000, _positive_int, "Largest text accepted (UTF-8 bytes)"),
+    Option("commit_interval_ms", 500.0, _positive_float, "How often finished offsets are committed"),
+    Option("shutdown_timeout_seconds", 30.0, _positive_float, "Drain deadline on SIGTERM"),
+    Option("log_format", "text", _choice("text", "json"), "Log format"),
+    Option("log_level", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "Log level"),
+)
+
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    bootstrap_servers: str
+    input_topic: str
+    output_topic: str
+    dlq_topic: str
+    group_id: str
+    kafka_security_protocol: str
+    kafka_sasl_mechanism: str
+    kafka_sasl_username: str
+    kafka_sasl_password: str
+    kafka_ssl_cafile: str
+    kafka_ssl_certfile: str
+    kafka_ssl_keyfile: str
+    redis_url: str
+    cache_ttl_seconds: int
+    cache_dtype: str
+    qdrant_url: str
+    qdrant_api_key: str
+    qdrant_path: str
+    collection: str
+    store_text: bool
+    model: str
+    device: str
+    metrics_port: int
+    metrics_host: str
+    batch_min_messages: int
+    batch_max_messages: int
+    batch_min_tokens: int
+    batch_max_tokens: int
+    batch_min_wait_ms: float
+    batch_max_wait_ms: float
+    lag_low: int
+    lag_high: int
+    max_in_flight_batches: int
+    buffer_max_messages: int
+    buffer_max_bytes: int
+    memory_budget_bytes: int
+    fetch_max_records: int
+    max_message_bytes: int
+    max_text_bytes: int
+    commit_interval_ms: float
+    shutdown_timeout_seconds: float
+    log_format: str
+    log_level: str
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if _BY_NAME[f.name].secret and value:
+                value = "***"
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    __str__ = __repr__
+
+    def replace(self, **changes: Any) -> "Settings":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Settings(**values)
+
+
+def _check(settings: Settings) -> None:
+    if settings.batch_min_messages > settings.batch_max_messages:
+        raise ConfigError("EMBEDWORKER_BATCH_MIN_MESSAGES", "is above EMBEDWORKER_BATCH_MAX_MESSAGES")
+    if settings.batch_min_tokens > settings.batch_max_tokens:
+        raise ConfigError("EMBEDWORKER_BATCH_MIN_TOKENS", "is above EMBEDWORKER_BATCH_MAX_TOKENS")
+    if settings.batch_min_wait_ms > settings.batch_max_wait_ms:
+        raise ConfigError("EMBEDWORKER_BATCH_MIN_WAIT_MS", "is above EMBEDWORKER_BATCH_MAX_WAIT_MS")
+    if settings.lag_low >= settings.lag_high:
+        raise ConfigError("EMBEDWORKER_LAG_LOW", "must be below EMBEDWORKER_LAG_HIGH")
+    if settings.qdrant_url and settings.qdrant_path:
+        raise ConfigError("EMBEDWORKER_QDRANT_PATH", "give EMBEDWORKER_QDRANT_URL or EMBEDWORKER_QDRANT_PATH, not both")
+    if settings.qdrant_url and not settings.qdrant_url.startswith(("http://", "https://")):
+        raise ConfigError("EMBEDWORKER_QDRANT_URL", "must start with http:// or https://")
+    if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("EMBEDWORKER_REDIS_URL", "must start with redis://, rediss:// or unix://")
+    if settings.kafka_security_protocol.startswith("SASL") and not settings.kafka_sasl_username:
+        raise ConfigError("EMBEDWORKER_KAFKA_SASL_USERNAME", "is required with a SASL security protocol")
+    if len({settings.input_topic, settings.output_topic, settings.dlq_topic}) < 3:
+        raise ConfigError("EMBEDWORKER_OUTPUT_TOPIC", "input, output and dead-letter topics must differ")
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Defaults, then `EMBEDWORKER_*` variables, then `overrides` (already-typed or text)."""
+    environ = os.environ if environ is None else environ
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw: Any = option.default
+        source = None
+        if option.env in environ:
+            raw, source = environ[option.env], option.env
+        if overrides.get(option.name) is not None:
+            raw, source = overrides[option.name], option.flag
+        if source is not None and isinstance(raw, str):
+            try:
+                raw = option.parse(raw)
+            except ValueError as exc:
+                shown = "***" if option.secret else repr(raw)
+                raise ConfigError(option.env, f"{shown}: {exc}") from None
+        values[option.name] = raw
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: set[str] | None = None) -> None:
+    """One flag per option (all of them, or `names`), defaulting to None so env vars apply."""
+    for option in OPTIONS:
+        if names is not None and option.name not in names:
+            continue
+        default = "(secret)" if option.secret else option.default
+        parser.add_argument(
+            option.flag,
+            dest=option.name,
+            default=None,
+            metavar=option.name.split("_")[-1].upper(),
+            help=f"{option.help} [env {option.env}, default {default!r}]",
+        )
+
+
+def markdown_table() -> str:
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for option in OPTIONS:
+        default = "" if option.default == "" else f"`{option.default}`"
+        rows.append(f"| `{option.env}` | `{option.flag}` | {default} | {option.help} |")
+    return "\n".join(rows)

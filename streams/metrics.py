@@ -1,0 +1,107 @@
+"""Every Prometheus metric of the worker, in one typed list.
+
+Prefix `embedworker_`, base units, `_total` for counters, and only bounded label values:
+`topic`/`partition` (bounded by the topic's partitions), `reason`, `source`, `stage`,
+`operation` (fixed sets, listed below).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PAUSE_REASONS = ("buffered_messages", "buffered_bytes", "in_flight_batches", "memory", "sink")
+CACHE_HIT_SOURCES = ("redis", "batch")
+DEAD_LETTER_STAGES = ("decode", "embed")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """The worker's metrics, registered in their own registry (several workers may share a process in tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.messages_consumed = Counter(
+            "embedworker_messages_consumed_total", "Messages fetched from the input topic", registry=r
+        )
+        self.messages_processed = Counter(
+            "embedworker_messages_processed_total", "Messages embedded, upserted and answered with a result event", registry=r
+        )
+        self.messages_failed = Counter(
+            "embedworker_messages_failed_total", "Messages that could not be processed (all are dead-lettered)", registry=r
+        )
+        self.messages_dead_lettered = Counter(
+            "embedworker_messages_dead_lettered_total",
+            "Dead-letter events acknowledged by the broker, by stage",
+            ["stage"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "embedworker_cache_hits_total", "Texts not embedded because their vector was known, by source", ["source"], registry=r
+        )
+        self.cache_misses = Counter("embedworker_cache_misses_total", "Distinct texts that had to be embedded", registry=r)
+        self.cache_errors = Counter(
+            "embedworker_cache_errors_total", "Redis operations that failed (the worker went on without the cache)", ["operation"], registry=r
+        )
+        self.sink_errors = Counter("embedworker_sink_errors_total", "Failed upsert attempts (retried)", registry=r)
+        self.texts_embedded = Counter("embedworker_texts_embedded_total", "Texts run through the model", registry=r)
+        self.batch_size = Histogram(
+            "embedworker_batch_size_messages", "Messages per micro-batch", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.embed_seconds = Histogram(
+            "embedworker_embed_duration_seconds", "Time to embed one batch's cache misses", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.upsert_seconds = Histogram(
+            "embedworker_upsert_duration_seconds", "Time of one successful upsert", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "embedworker_batch_duration_seconds", "Time from batch close to all results acknowledged", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.end_to_end_seconds = Histogram(
+            "embedworker_end_to_end_latency_seconds",
+            "From the input message's timestamp to its result acknowledged",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.consumer_lag_records = Gauge(
+            "embedworker_consumer_lag_records",
+            "High watermark minus committed offset",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.consumer_lag_seconds = Gauge(
+            "embedworker_consumer_lag_seconds",
+            "Age of the oldest fetched but unfinished message (0 when caught up)",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.commits = Counter("embedworker_offset_commits_total", "Successful offset commits", registry=r)
+        self.backpressure_paused = Gauge(
+            "embedworker_backpressure_paused", "1 while the assigned partitions are paused", registry=r
+        )
+        self.backpressure_reason = Gauge(
+            "embedworker_backpressure_reason_active", "1 while this reason holds the consumer paused", ["reason"], registry=r
+        )
+        self.pauses = Counter("embedworker_backpressure_pauses_total", "Transitions to paused", registry=r)
+        self.buffered_messages = Gauge("embedworker_buffered_messages", "Messages fetched and not yet finished", registry=r)
+        self.buffered_bytes = Gauge("embedworker_buffered_bytes", "Bytes of messages fetched and not yet finished", registry=r)
+        self.in_flight_batches = Gauge("embedworker_in_flight_batches", "Batches being processed", registry=r)
+        self.rss_bytes = Gauge("embedworker_process_resident_memory_bytes", "Resident set size of the worker", registry=r)
+        self.batch_target_messages = Gauge(
+            "embedworker_batch_target_messages", "Current adaptive batch size limit", registry=r
+        )
+        self.batch_target_tokens = Gauge(
+            "embedworker_batch_token_budget_tokens", "Current adaptive token budget of a batch", registry=r
+        )
+        for reason in PAUSE_REASONS:
+            self.backpressure_reason.labels(reason=reason).set(0)
+        for source in CACHE_HIT_SOURCES:
+            self.cache_hits.labels(source=source)
+        for stage in DEAD_LETTER_STAGES:
+            self.messages_dead_lettered.labels(stage=stage)
+
+    def serve(self, *, port: int, host: str = "127.0.0.1") -> None:
+        """Expose `/metrics` on a background thread."""
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,508 @@
+"""The main runtime: fetch, decode, micro-batch, process, publish, commit.
+
+A message's life: fetched and registered in the `OffsetTracker`; decoded (bad input
+goes straight to the dead-letter topic); added to the `Batcher`; processed by the
+`Pipeline` in a batch task (up to `max_in_flight_batches` at once, so fetching, cache
+lookups, embedding and upserts of different batches overlap); its result or dead letter
+is published and acknowledged; only then is it finished in the tracker, and the commit
+loop commits the finished prefix of each partition. Crashes therefore replay, never drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import psutil
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from processors.cache import VectorCache
+from processors.embedder import Embedder
+from processors.pipeline import Backoff, Outcome, Pipeline, PipelineHooks
+from processors.sink import VectorSink
+from schemas import InputEvent, InvalidEvent, Limits, SourcePosition, decode_input, encode_dead_letter
+from streams.batching import BatchPolicy, Batcher
+from streams.config import Settings
+from streams.flow import FlowController, FlowSignals, Watermarks
+from streams.kafka import make_consumer, make_producer
+from streams.metrics import Metrics
+from streams.offsets import OffsetTracker
+
+log = logging.getLogger(__name__)
+
+_POLL_SECONDS = 0.1
+
+
+@dataclass(slots=True)
+class Fetched:
+    tp: TopicPartition
+    offset: int
+    timestamp: float
+    key: bytes | None
+    value: bytes | None
+    size: int
+    event: InputEvent | None = None
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Totals for summaries (the demo, benchmarks); Prometheus has the same as metrics."""
+
+    consumed: int = 0
+    processed: int = 0
+    cached: int = 0
+    truncated: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=10_000))
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=200_000))
+    pauses: int = 0
+    resumes: int = 0
+    max_rss_bytes: int = 0
+
+
+class WorkerError(Exception):
+    """A fault the worker cannot go on from; it stops and the next start replays."""
+
+
+class _RebalanceListener(ConsumerRebalanceListener):
+    """What must be committed on a rebalance.
+
+    Revoked: every finished message of the revoked partitions is committed before they
+    go, after giving in-flight batches until `shutdown_timeout_seconds / 2` to finish, so
+    the next owner neither loses nor needlessly repeats work. Buffered messages not yet
+    in a batch are dropped: the next owner replays them from the committed offset.
+    Assigned: the group's committed offset is read so lag can be computed at once.
+    """
+
+    def __init__(self, worker: "Worker") -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._worker._on_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._worker._on_assigned(list(assigned))
+
+
+class Worker:
+    """One consumer-group member running the embedding pipeline.
+
+    Keyword-only: `embedder`, `sink`, `cache` (None: no cache), `metrics` (default: a
+    fresh registry). `settings` carries everything else (see `streams.config.OPTIONS`).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        embedder: Embedder,
+        sink: VectorSink,
+        cache: VectorCache | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.stats = RunStats()
+        self.embedder = embedder
+        m = self.metrics
+        self._sink_healthy = True
+        hooks = PipelineHooks(
+            on_cache=self._count_cache,
+            on_embed=lambda texts, seconds: (m.texts_embedded.inc(texts), m.embed_seconds.observe(seconds)),
+            on_upsert=lambda points, seconds: m.upsert_seconds.observe(seconds),
+            on_sink_error=m.sink_errors.inc,
+            on_sink_state=self._set_sink_state,
+        )
+        self.pipeline = Pipeline(
+            embedder=embedder, sink=sink, cache=cache, store_text=settings.store_text, hooks=hooks
+        )
+        self.limits = Limits(max_message_bytes=settings.max_message_bytes, max_text_bytes=settings.max_text_bytes)
+        self.tracker = OffsetTracker()
+        self.batcher: Batcher[Fetched] = Batcher(
+            BatchPolicy(
+                min_messages=settings.batch_min_messages,
+                max_messages=settings.batch_max_messages,
+                min_tokens=settings.batch_min_tokens,
+                max_tokens=settings.batch_max_tokens,
+                min_wait_seconds=settings.batch_min_wait_ms / 1000,
+                max_wait_seconds=settings.batch_max_wait_ms / 1000,
+                low_lag=settings.lag_low,
+                high_lag=settings.lag_high,
+            )
+        )
+        depth = settings.max_in_flight_batches
+        budget = settings.memory_budget_bytes
+        self.flow = FlowController(
+            buffered_messages=Watermarks(high=settings.buffer_max_messages, low=settings.buffer_max_messages * 0.5),
+            buffered_bytes=Watermarks(high=settings.buffer_max_bytes, low=settings.buffer_max_bytes * 0.5),
+            # Closed batches waiting for a pipeline slot, beyond one pipeline's depth.
+            in_flight_batches=Watermarks(high=2 * depth, low=depth),
+            memory_bytes=Watermarks(high=0.9 * budget, low=0.8 * budget) if budget else None,
+        )
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._buffered_messages = 0
+        self._buffered_bytes = 0
+        self._rss = 0
+        self._process = psutil.Process()
+        self._send_backoff = Backoff(base_seconds=0.2, cap_seconds=5.0)
+        self._lag: dict[TopicPartition, int] = {}
+        self._last_commit_at: dict[TopicPartition, float] = {}
+        self._commit_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._started = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._paused = False
+
+    # ---- hooks -------------------------------------------------------------------------
+
+    def _count_cache(self, redis_hits: int, batch_hits: int, misses: int) -> None:
+        self.metrics.cache_hits.labels(source="redis").inc(redis_hits)
+        self.metrics.cache_hits.labels(source="batch").inc(batch_hits)
+        self.metrics.cache_misses.inc(misses)
+
+    def _set_sink_state(self, healthy: bool) -> None:
+        self._sink_healthy = healthy
+
+    # ---- public ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop fetching, drain in-flight batches within the deadline, commit, close."""
+        self._stop.set()
+
+    @property
+    def started(self) -> asyncio.Event:
+        return self._started
+
+    def lag_records(self) -> dict[TopicPartition, int]:
+        return dict(self._lag)
+
+    def unfinished(self) -> int:
+        return self._buffered_messages
+
+    async def run(self) -> None:
+        s = self.settings
+        self._consumer = make_consumer(s)
+        self._producer = make_producer(s)
+        try:
+            await self._producer.start()
+            await self._consumer.start()
+        except KafkaError as exc:
+            await self._close_clients()
+            raise WorkerError(f"cannot reach Kafka at {s.bootstrap_servers}: {type(exc).__name__}: {exc}") from None
+        try:
+            await self.pipeline.start()
+            self._consumer.subscribe([s.input_topic], listener=_RebalanceListener(self))
+            housekeeping = asyncio.create_task(self._housekeeping_loop(), name="housekeeping")
+            self._started.set()
+            try:
+                await self._fetch_loop()
+            finally:
+                housekeeping.cancel()
+                await asyncio.gather(housekeeping, return_exceptions=True)
+                await self._drain()
+        finally:
+            await self._close_clients()
+            await self.pipeline.close()
+        if self._fatal is not None:
+            raise WorkerError(f"worker stopped on an unexpected error: {self._fatal!r}") from self._fatal
+
+    # ---- fetch and batch ---------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        consumer = self._consumer
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self.batcher.adapt(sum(self._lag.values()))
+            self._apply_flow()
+            self._launch_ready(now)
+            due = self.batcher.seconds_until_due(now)
+            timeout = _POLL_SECONDS if due is None else min(_POLL_SECONDS, due)
+            # Called while paused too: it returns nothing for paused partitions but keeps
+            # the consumer inside max_poll_interval, so the group never evicts us.
+            records = await consumer.getmany(
+                timeout_ms=max(1, int(timeout * 1000)), max_records=self.settings.fetch_max_records
+            )
+            for tp, messages in records.items():
+                for message in messages:
+                    self._accept(tp, message)
+            self._launch_ready(time.monotonic())
+
+    def _accept(self, tp: TopicPartition, message: Any) -> None:
+        timestamp = message.timestamp / 1000 if message.timestamp and message.timestamp > 0 else time.time()
+        if not self.tracker.register(tp, message.offset, timestamp):
+            return  # already in flight here (re-fetched after a seek)
+        size = len(message.value or b"") + len(message.key or b"")
+        item = Fetched(tp, message.offset, timestamp, message.key, message.value, size)
+        self._buffered_messages += 1
+        self._buffered_bytes += size
+        self.stats.consumed += 1
+        self.metrics.messages_consumed.inc()
+        try:
+            item.event = decode_input(message.value, self.limits)
+        except InvalidEvent as exc:
+            self._spawn_side(self._dead_letter([(item, exc.kind, exc.message)], stage="decode"))
+            return
+        self.batcher.add(item, self.embedder.estimate_tokens(item.event.text), time.monotonic())
+
+    def _launch_ready(self, now: float) -> None:
+        while len(self._batch_tasks) < self.settings.max_in_flight_batches and self.batcher.ready(now):
+            batch = self.batcher.take(now)
+            task = asyncio.create_task(self._run_batch(batch))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_done)
+        self.metrics.in_flight_batches.set(len(self._batch_tasks))
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batch_tasks.discard(task)
+        self.metrics.in_flight_batches.set(len(self._batch_tasks))
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())
+
+    def _spawn_side(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._side_tasks.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._side_tasks.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                self._fail(finished.exception())
+
+        task.add_done_callback(done)
+
+    def _fail(self, exc: BaseException | None) -> None:
+        log.error("stopping on an unexpected error", exc_info=exc)
+        self._fatal = exc
+        self._stop.set()
+
+    # ---- processing --------------------------------------------------------------------
+
+    async def _run_batch(self, batch: list[Fetched]) -> None:
+        started = time.monotonic()
+        self.metrics.batch_size.observe(len(batch))
+        self.stats.batches += 1
+        self.stats.batch_sizes.append(len(batch))
+        outcomes: list[Outcome] = await self.pipeline.process([item.event for item in batch])  # type: ignore[misc]
+        results = [(item, o) for item, o in zip(batch, outcomes) if o.result is not None]
+        failures = [(item, o.error_kind or "error", o.error_message or "") for item, o in zip(batch, outcomes) if o.result is None]
+        if results:
+            await self._send_reliably(
+                [(self.settings.output_topic, o.event.id.encode("utf-8"), o.result.encode()) for _, o in results]  # type: ignore[union-attr]
+            )
+            finished_at = time.time()
+            for item, outcome in results:
+                self._finish(item)
+                self.stats.processed += 1
+                self.stats.cached += int(outcome.result.cached)  # type: ignore[union-attr]
+                self.stats.truncated += int(outcome.result.truncated)  # type: ignore[union-attr]
+                latency = max(0.0, finished_at - item.timestamp)
+                self.stats.latencies.append(latency)
+                self.metrics.end_to_end_seconds.observe(latency)
+            self.metrics.messages_processed.inc(len(results))
+        if failures:
+            await self._dead_letter(failures, stage="embed")
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
+
+    async def _dead_letter(self, failures: list[tuple[Fetched, str, str]], *, stage: str) -> None:
+        messages = []
+        for item, kind, message in failures:
+            source = SourcePosition(topic=item.tp.topic, partition=item.tp.partition, offset=item.offset)
+            messages.append(
+                (self.settings.dlq_topic, item.key, encode_dead_letter(kind=kind, message=message, source=source, payload=item.value))
+            )
+        await self._send_reliably(messages)
+        for item, kind, _ in failures:
+            self._finish(item)
+        self.stats.dead_letters += len(failures)
+        self.metrics.messages_failed.inc(len(failures))
+        self.metrics.messages_dead_lettered.labels(stage=stage).inc(len(failures))
+
+    async def _send_reliably(self, messages: list[tuple[str, bytes | None, bytes]]) -> None:
+        """Publish and wait for every acknowledgement, retrying failures with backoff.
+
+        It never gives up: a message whose result cannot be published must not be
+        committed, and the growing backlog pauses the consumer meanwhile.
+        """
+        remaining, attempt = messages, 0
+        while remaining:
+            acks: list[Any] = []
+            for topic, key, value in remaining:
+                try:
+                    acks.append(await self._producer.send(topic, value=value, key=key))
+                except KafkaError as exc:
+                    acks.append(_failed(exc))
+            outcomes = await asyncio.gather(*acks, return_exceptions=True)
+            failed = [m for m, outcome in zip(remaining, outcomes) if isinstance(outcome, BaseException)]
+            if failed:
+                error = next(o for o in outcomes if isinstance(o, BaseException))
+                delay = self._send_backoff.delay(attempt)
+                log.warning("publishing %d events failed (%s); retry in %.2fs", len(failed), type(error).__name__, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+            remaining = failed
+
+    def _finish(self, item: Fetched) -> None:
+        self.tracker.finish(item.tp, item.offset)
+        self._buffered_messages -= 1
+        self._buffered_bytes -= item.size
+
+    # ---- flow control, lag, commits ----------------------------------------------------
+
+    def _apply_flow(self) -> None:
+        waiting_batches = len(self.batcher) // max(1, self.batcher.max_messages)
+        active = self.flow.update(
+            FlowSignals(
+                buffered_messages=self._buffered_messages,
+                buffered_bytes=self._buffered_bytes,
+                in_flight_batches=len(self._batch_tasks) + waiting_batches,
+                rss_bytes=self._rss,
+                sink_healthy=self._sink_healthy,
+            )
+        )
+        m = self.metrics
+        for reason in ("buffered_messages", "buffered_bytes", "in_flight_batches", "memory", "sink"):
+            m.backpressure_reason.labels(reason=reason).set(1 if reason in active else 0)
+        m.buffered_messages.set(self._buffered_messages)
+        m.buffered_bytes.set(self._buffered_bytes)
+        assignment = self._consumer.assignment()
+        if active:
+            if not self._paused:
+                log.info("pausing consumption: %s", ", ".join(sorted(active)))
+                self.stats.pauses += 1
+                m.pauses.inc()
+            # Re-applied every round: partitions assigned while paused start paused too.
+            self._consumer.pause(*assignment)
+            self._paused = True
+        elif self._paused:
+            log.info("resuming consumption")
+            self.stats.resumes += 1
+            self._consumer.resume(*assignment)
+            self._paused = False
+        m.backpressure_paused.set(1 if self._paused else 0)
+        m.batch_target_messages.set(self.batcher.max_messages)
+        m.batch_target_tokens.set(self.batcher.max_tokens)
+
+    async def _housekeeping_loop(self) -> None:
+        interval = self.settings.commit_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)  # a timer, not synchronization
+            self._rss = self._process.memory_info().rss
+            self.stats.max_rss_bytes = max(self.stats.max_rss_bytes, self._rss)
+            self.metrics.rss_bytes.set(self._rss)
+            await self.commit()
+            self._update_lag()
+
+    def _update_lag(self) -> None:
+        now = time.time()
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            committed = self.tracker.committed(tp)
+            if highwater is None or committed is None:
+                continue
+            lag = max(0, highwater - committed)
+            self._lag[tp] = lag
+            oldest = self.tracker.oldest_pending_timestamp(tp)
+            if oldest is not None:
+                seconds = max(0.0, now - oldest)
+            elif lag > 0:
+                # Backlog not fetched yet (paused): its age is at least the time since progress.
+                seconds = now - self._last_commit_at.get(tp, now)
+            else:
+                seconds = 0.0
+            labels = {"topic": tp.topic, "partition": str(tp.partition)}
+            self.metrics.consumer_lag_records.labels(**labels).set(lag)
+            self.metrics.consumer_lag_seconds.labels(**labels).set(seconds)
+
+    async def commit(self, tps: Iterable[TopicPartition] | None = None) -> None:
+        """Commit the finished prefix of each (given) assigned partition."""
+        async with self._commit_lock:
+            assignment = self._consumer.assignment()
+            wanted = [tp for tp in (assignment if tps is None else tps)]
+            offsets = self.tracker.to_commit(wanted)
+            if not offsets:
+                return
+            try:
+                await self._consumer.commit(offsets)
+            except KafkaError as exc:
+                log.warning("commit failed (%s); it will be retried", type(exc).__name__)
+                return
+            self.tracker.mark_committed(offsets)
+            now = time.time()
+            for tp in offsets:
+                self._last_commit_at[tp] = now
+            self.metrics.commits.inc()
+
+    async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)))
+        for tp in assigned:
+            committed = await self._consumer.committed(tp)
+            if committed is None:
+                beginning = await self._consumer.beginning_offsets([tp])
+                committed = beginning.get(tp, 0)
+            self.tracker.set_committed(tp, committed)
+            self._last_commit_at[tp] = time.time()
+
+    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        if not revoked:
+            return
+        log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(revoked)))
+        gone = set(revoked)
+        for item in self.batcher.remove(lambda item: item.tp in gone):
+            self._buffered_messages -= 1
+            self._buffered_bytes -= item.size
+        pending = self._batch_tasks | self._side_tasks
+        if pending:
+            await asyncio.wait(pending, timeout=self.settings.shutdown_timeout_seconds / 2)
+        await self.commit(revoked)
+        self.tracker.forget(revoked)
+        for tp in revoked:
+            self._lag.pop(tp, None)
+            labels = {"topic": tp.topic, "partition": str(tp.partition)}
+            self.metrics.consumer_lag_records.labels(**labels).set(0)
+            self.metrics.consumer_lag_seconds.labels(**labels).set(0)
+
+    # ---- shutdown ----------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Finish what was fetched, within the shutdown deadline, and commit it."""
+        deadline = time.monotonic() + self.settings.shutdown_timeout_seconds
+        if self._fatal is None:
+            while len(self.batcher) and time.monotonic() < deadline:
+                now = time.monotonic()
+                while len(self._batch_tasks) < self.settings.max_in_flight_batches and len(self.batcher):
+                    batch = self.batcher.take(now)
+                    task = asyncio.create_task(self._run_batch(batch))
+                    self._batch_tasks.add(task)
+                    task.add_done_callback(self._batch_done)
+                if self._batch_tasks:
+                    await asyncio.wait(self._batch_tasks, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
+        pending = self._batch_tasks | self._side_tasks
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        for task in self._batch_tasks | self._side_tasks:
+            task.cancel()  # abandoned: not committed, replayed by the next owner
+        try:
+            await self.commit()
+        except Exception as exc:  # the consumer may already be unusable
+            log.warning("final commit failed: %s", type(exc).__name__)
+
+    async def _close_clients(self) -> None:
+        for client in (self._consumer, self._producer):
+            if client is None:
+                continue
+            try:
+                await client.stop()
+            except Exception as exc:
+                log.warning("closing %s failed: %s", type(client).__name__, type(exc).__name__)
+
+
+async def _failed(exc: BaseException) -> None:
+    raise exc
