@@ -94,7 +94,11 @@ def decode_input(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> InputEve
         # orjson rejects invalid UTF-8 and lone surrogates, and refuses integers beyond 64 bits.
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidEvent("invalid_json", f"not valid UTF-8 JSON: {exc}") from None
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise InvalidEvent("invalid_utf8", f"not valid UTF-8 at byte {bad.start}") from None
+        raise InvalidEvent("invalid_json", f"not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise InvalidEvent("not_an_object", f"expected a JSON object, got {type(value).__name__}")
     if _depth(value, limits.max_depth) > limits.max_depth:

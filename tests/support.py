@@ -1,0 +1,230 @@
+"""Shared test helpers: real services (containers, external, or local), topics, readers.
+
+Service choice, once per session:
+1. `KAFKA_BOOTSTRAP_SERVERS`, `REDIS_URL`, `QDRANT_URL` in the environment win.
+2. Else, when a Docker engine answers a ping, testcontainers' Kafka, Redis and Qdrant.
+3. Else the local Tansu broker, a local redis-server, and Qdrant's embedded engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from processors.cache import RedisCache
+from processors.sink import QdrantSink
+from streams.config import Settings, load_settings
+from streams.kafka import ensure_topics, make_producer
+from streams.metrics import Metrics
+from streams.runtime import Worker
+
+
+def docker_available() -> bool:
+    """A ping, not `which docker`: the CLI may exist without an engine."""
+    try:
+        import docker
+        from docker.errors import DockerException
+
+        try:
+            docker.from_env(timeout=2).ping()
+            return True
+        except DockerException:
+            return False
+    except Exception:
+        return False
+
+
+@dataclass
+class Services:
+    bootstrap_servers: str
+    redis_url: str
+    qdrant_url: str | None
+    kind: str
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    broker: Any = None
+    redis: Any = None
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def start_services() -> Services:
+    stack = contextlib.ExitStack()
+    kafka = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    redis_url = os.environ.get("REDIS_URL")
+    qdrant_url = os.environ.get("QDRANT_URL")
+    broker = redis = None
+    kind = "external"
+    if not (kafka and redis_url and qdrant_url) and docker_available():
+        kind = "containers"
+        if not kafka:
+            from testcontainers.kafka import KafkaContainer
+
+            container = stack.enter_context(KafkaContainer())
+            kafka = container.get_bootstrap_server()
+        if not redis_url:
+            from testcontainers.redis import RedisContainer
+
+            container = stack.enter_context(RedisContainer())
+            redis_url = f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
+        if not qdrant_url:
+            from testcontainers.qdrant import QdrantContainer
+
+            container = stack.enter_context(QdrantContainer())
+            qdrant_url = f"http://{container.rest_host_address}"
+    else:
+        from streams.devstack import LocalBroker, LocalRedis
+
+        if not kafka:
+            kind = "local"
+            broker = stack.enter_context(LocalBroker())
+            kafka = broker.bootstrap_servers
+        if not redis_url:
+            redis = stack.enter_context(LocalRedis())
+            redis_url = redis.url
+    return Services(kafka, redis_url, qdrant_url, kind, stack, broker, redis)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def make_settings(services: Services, partitions: int = 2, **overrides: Any) -> Settings:
+    """Settings with topics, group and collection of their own, topics created."""
+    name = unique("t")
+    values: dict[str, Any] = {
+        "bootstrap_servers": services.bootstrap_servers,
+        "input_topic": f"{name}.in",
+        "output_topic": f"{name}.out",
+        "dlq_topic": f"{name}.dlq",
+        "group_id": f"{name}.group",
+        "collection": name,
+        "redis_url": services.redis_url,
+        "qdrant_url": services.qdrant_url or "",
+        "metrics_port": 0,
+        "commit_interval_ms": 100,
+        "shutdown_timeout_seconds": 20,
+    }
+    values.update(overrides)
+    settings = load_settings(values, environ={})
+    await ensure_topics(settings, {settings.input_topic: partitions, settings.output_topic: partitions, settings.dlq_topic: 1})
+    return settings
+
+
+def make_sink(settings: Settings) -> QdrantSink:
+    return QdrantSink(collection=settings.collection, url=settings.qdrant_url or None, path=settings.qdrant_path or None)
+
+
+def make_cache(settings: Settings, metrics: Metrics | None = None) -> RedisCache:
+    prefix = f"test:{settings.collection}:"
+    hook = None
+    if metrics is not None:
+        hook = lambda op: metrics.cache_errors.labels(operation=op).inc()  # noqa: E731
+    return RedisCache(url=settings.redis_url, prefix=prefix, on_error=hook, timeout_seconds=0.5)
+
+
+async def wait_until(condition: Callable[[], bool | Awaitable[bool]], *, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `condition` until true or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value) or isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def produce(settings: Settings, values: list[bytes | None], keys: list[bytes | None] | None = None, topic: str | None = None) -> None:
+    producer = make_producer(settings, linger_ms=20)
+    await producer.start()
+    try:
+        for index, value in enumerate(values):
+            key = keys[index] if keys else None
+            await producer.send(topic or settings.input_topic, value=value, key=key)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def event(event_id: str, text: str, **metadata: Any) -> bytes:
+    body: dict[str, Any] = {"id": event_id, "text": text}
+    if metadata:
+        body["metadata"] = metadata
+    return orjson.dumps(body)
+
+
+async def read_topic(settings: Settings, topic: str, *, expect: int | None = None, timeout: float = 60.0) -> list[Any]:
+    """Every record of `topic` (group-less reader), waiting until `expect` are there."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        partitions = None
+        deadline = time.monotonic() + timeout
+        while not partitions:
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                await consumer._client.force_metadata_update()
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"topic {topic} not found")
+                await asyncio.sleep(0.1)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        records: list[Any] = []
+        idle_since = time.monotonic()
+        while True:
+            batch = await consumer.getmany(timeout_ms=200)
+            got = [r for rs in batch.values() for r in rs]
+            records.extend(got)
+            if got:
+                idle_since = time.monotonic()
+            if expect is not None and len(records) >= expect and time.monotonic() - idle_since > 0.3:
+                return records
+            if expect is None and time.monotonic() - idle_since > 1.0:
+                return records
+            if time.monotonic() > deadline:
+                if expect is None:
+                    return records
+                raise AssertionError(f"{topic}: {len(records)} records after {timeout}s, expected {expect}")
+    finally:
+        await consumer.stop()
+
+
+async def committed_offsets(settings: Settings, partitions: int) -> dict[int, int]:
+    """The group's committed offset per input partition (a consumer's `committed`, see FINDINGS)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        result = {}
+        for p in range(partitions):
+            result[p] = await consumer.committed(TopicPartition(settings.input_topic, p)) or 0
+        return result
+    finally:
+        await consumer.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, embedder: Any, *, sink: Any = None, cache: Any = None, metrics: Metrics | None = None) -> AsyncIterator[Worker]:
+    metrics = metrics or Metrics()
+    sink = sink or make_sink(settings)
+    worker = Worker(settings, embedder=embedder, sink=sink, cache=cache if cache is not None else make_cache(settings, metrics), metrics=metrics)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: task.done() or worker.started.is_set(), timeout=30, what="worker start")
+        if task.done():
+            task.result()
+        yield worker
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=60)
