@@ -67,12 +67,12 @@ class Batcher(Generic[Item]):
             return False
         if len(self._items) >= self.max_messages or self._tokens >= self.max_tokens:
             return True
-        return now - (self._opened_at or now) >= self.max_wait
+        return self._opened_at is not None and now - self._opened_at >= self.max_wait
 
     def seconds_until_due(self, now: float) -> float | None:
-        if not self._items:
+        if not self._items or self._opened_at is None:
             return None
-        return max(0.0, self.max_wait - (now - (self._opened_at or now)))
+        return max(0.0, self.max_wait - (now - self._opened_at))
 
     def take(self, now: float) -> list[Item]:
         """The oldest items up to the message limit and token budget (at least one)."""

@@ -1,0 +1,299 @@
+"""Unit tests of logic without I/O: schemas, keys, ids, batching, offsets, flow, config."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+
+import numpy as np
+import orjson
+import pytest
+
+from processors.cache import decode_vector, encode_vector
+from processors.embedder import estimate_tokens, plan_sub_batches
+from schemas import (
+    POINT_NAMESPACE,
+    InvalidEvent,
+    Limits,
+    ResultEvent,
+    SourcePosition,
+    content_hash,
+    decode_input,
+    encode_dead_letter,
+    point_id,
+)
+from streams.batching import BatchPolicy, Batcher
+from streams.config import ConfigError, load_settings
+from streams.flow import FlowController, FlowSignals, Watermarks
+from streams.offsets import OffsetTracker
+
+# ---- schemas -------------------------------------------------------------------------------
+
+
+def test_decode_valid_event_with_metadata():
+    event = decode_input(b'{"id": "a1", "text": "hello world", "metadata": {"lang": "en"}}')
+    assert (event.id, event.text, event.metadata) == ("a1", "hello world", {"lang": "en"})
+
+
+def test_decode_valid_event_without_metadata():
+    assert decode_input(b'{"id": "a1", "text": "hi"}').metadata == {}
+
+
+@pytest.mark.parametrize(
+    "raw, kind",
+    [
+        (None, "empty_message"),
+        (b"", "invalid_json"),
+        (b"not json", "invalid_json"),
+        (b"\xff\xfe{}", "invalid_utf8"),
+        (b'"a string"', "not_an_object"),
+        (b"[1, 2]", "not_an_object"),
+        (b'{"text": "t"}', "missing_id"),
+        (b'{"id": "x"}', "missing_text"),
+        (b'{"id": "", "text": "t"}', "empty_id"),
+        (b'{"id": "x", "text": "   "}', "empty_text"),
+        (b'{"id": 5, "text": "t"}', "invalid_id"),
+        (b'{"id": "x", "text": 5}', "invalid_text"),
+        (b'{"id": "x", "text": ["t"]}', "invalid_text"),
+        (b'{"id": "x", "text": "a\\u0000b"}', "invalid_text"),
+        (b'{"id": "x", "text": "\\ud800"}', "invalid_json"),
+        (b'{"id": "x", "text": "t", "metadata": [1]}', "invalid_metadata"),
+        (b'{"id": "x", "text": "t", "n": 1' + b"0" * 400 + b"}", "invalid_json"),
+    ],
+)
+def test_decode_rejects_bad_input_with_a_precise_reason(raw, kind):
+    with pytest.raises(InvalidEvent) as caught:
+        decode_input(raw)
+    assert caught.value.kind == kind
+
+
+def test_decode_enforces_size_limits_before_and_after_parsing():
+    limits = Limits(max_message_bytes=100, max_text_bytes=10, max_id_chars=3, max_metadata_bytes=20, max_depth=3)
+    cases = {
+        b'{"id": "x", "text": "' + b"a" * 200 + b'"}': "message_too_large",
+        b'{"id": "x", "text": "' + b"a" * 11 + b'"}': "text_too_large",
+        b'{"id": "abcd", "text": "t"}': "id_too_long",
+        b'{"id": "x", "text": "t", "metadata": {"k": "' + b"v" * 30 + b'"}}': "metadata_too_large",
+        b'{"id": "x", "text": "t", "metadata": {"a": {"b": {"c": 1}}}}': "too_deep",
+    }
+    for raw, kind in cases.items():
+        with pytest.raises(InvalidEvent) as caught:
+            decode_input(raw, limits)
+        assert caught.value.kind == kind, raw
+
+
+def test_deeply_nested_json_is_rejected_not_crashing():
+    raw = b'{"id": "x", "text": "t", "metadata": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}"
+    with pytest.raises(InvalidEvent):
+        decode_input(raw)
+
+
+def test_point_id_is_uuid5_of_the_event_id_under_the_documented_namespace():
+    assert point_id("doc-1") == str(uuid.uuid5(POINT_NAMESPACE, "doc-1"))
+    assert point_id("doc-1") == point_id("doc-1") != point_id("doc-2")
+
+
+def test_content_hash_depends_on_model_and_normalized_text():
+    assert content_hash("m", "  caf\u00e9 ") == content_hash("m", "cafe\u0301")  # NFC + outer whitespace
+    assert content_hash("m", "text") != content_hash("other-model", "text")
+    assert content_hash("m", "text") != content_hash("m", "Text")
+    assert len(content_hash("m", "x")) == 64
+
+
+def test_result_event_contract():
+    body = orjson.loads(
+        ResultEvent(id="a", point_id=point_id("a"), collection="c", model="m", dim=3, cached=True, truncated=False, content_hash="h").encode()
+    )
+    assert body == {"id": "a", "point_id": point_id("a"), "collection": "c", "model": "m", "dim": 3, "cached": True,
+                    "truncated": False, "content_hash": "h", "status": "ok"}
+
+
+def test_dead_letter_keeps_utf8_payload_as_text_and_binary_as_base64():
+    source = SourcePosition(topic="t", partition=1, offset=7)
+    text = orjson.loads(encode_dead_letter(kind="invalid_json", message="m", source=source, payload=b"oops"))
+    assert text == {"error": {"type": "invalid_json", "message": "m"}, "source": {"topic": "t", "partition": 1, "offset": 7},
+                    "payload": "oops", "payload_encoding": "utf-8"}
+    binary = orjson.loads(encode_dead_letter(kind="invalid_utf8", message="m", source=source, payload=b"\xff\x00"))
+    assert binary["payload_encoding"] == "base64" and base64.b64decode(binary["payload"]) == b"\xff\x00"
+    null = orjson.loads(encode_dead_letter(kind="empty_message", message="m", source=source, payload=None))
+    assert null["payload"] is None
+
+
+# ---- cache values --------------------------------------------------------------------------
+
+
+def test_vector_round_trips_as_little_endian_bytes():
+    vector = np.random.default_rng(1).standard_normal(384).astype(np.float32)
+    raw = encode_vector(vector)
+    assert len(raw) == 384 * 4 and raw == vector.astype("<f4").tobytes()
+    assert np.array_equal(decode_vector(raw, 384), vector)
+    half = decode_vector(encode_vector(vector, "float16"), 384, "float16")
+    assert half is not None and np.allclose(half, vector, atol=1e-2)
+    assert decode_vector(raw[:-4], 384) is None  # wrong size: a miss, not garbage
+
+
+# ---- sub-batch planning --------------------------------------------------------------------
+
+
+def test_sub_batches_cover_every_index_once_and_respect_limits():
+    counts = [5, 250, 12, 12, 80, 7, 256, 30] * 20
+    plan = plan_sub_batches(counts, token_budget=2048, max_batch=32)
+    flat = sorted(i for batch in plan for i in batch)
+    assert flat == list(range(len(counts)))
+    for batch in plan:
+        assert len(batch) <= 32
+        assert len(batch) == 1 or max(counts[i] for i in batch) * len(batch) <= 2048
+
+
+def test_sub_batches_keep_long_texts_away_from_short_ones():
+    counts = [10] * 60 + [250] * 4
+    plan = plan_sub_batches(counts, token_budget=8192, max_batch=128)
+    for batch in plan:
+        lengths = {counts[i] for i in batch}
+        assert len(lengths) == 1, "a long text would pad the short ones"
+
+
+def test_token_estimate_grows_with_length():
+    assert estimate_tokens("a" * 400) > estimate_tokens("a" * 40) > 0
+
+
+# ---- batching ------------------------------------------------------------------------------
+
+
+def test_batch_closes_on_count_tokens_or_wait():
+    policy = BatchPolicy(min_messages=3, max_messages=3, min_tokens=100, max_tokens=100, min_wait_seconds=1.0, max_wait_seconds=1.0)
+    batcher: Batcher[int] = Batcher(policy)
+    batcher.add(1, 10, now=0.0)
+    batcher.add(2, 10, now=0.1)
+    assert not batcher.ready(0.5)
+    assert batcher.ready(1.0)  # max wait
+    batcher.add(3, 10, now=0.2)
+    assert batcher.ready(0.3)  # count
+    assert batcher.take(0.3) == [1, 2, 3] and len(batcher) == 0
+    batcher.add(4, 60, now=1.0)
+    batcher.add(5, 60, now=1.0)
+    assert batcher.ready(1.0)  # token budget
+    assert batcher.take(1.0) == [4]  # the budget caps the batch
+    assert batcher.take(1.0) == [5]
+
+
+def test_adaptive_policy_favours_latency_at_low_lag_and_throughput_at_high_lag():
+    policy = BatchPolicy(min_messages=16, max_messages=256, min_tokens=1000, max_tokens=9000, min_wait_seconds=0.005, max_wait_seconds=0.2, low_lag=100, high_lag=1100)
+    assert policy.targets(0) == (16, 1000, 0.005)
+    assert policy.targets(5000) == (256, 9000, 0.2)
+    messages, tokens, wait = policy.targets(600)
+    assert 16 < messages < 256 and 1000 < tokens < 9000 and 0.005 < wait < 0.2
+
+
+def test_batcher_removes_items_of_revoked_partitions():
+    batcher: Batcher[tuple[str, int]] = Batcher(BatchPolicy())
+    for item in [("a", 1), ("b", 2), ("a", 3)]:
+        batcher.add(item, 5, now=0)
+    assert batcher.remove(lambda item: item[0] == "a") == [("a", 1), ("a", 3)]
+    assert batcher.drain() == [("b", 2)]
+
+
+# ---- offsets -------------------------------------------------------------------------------
+
+
+def test_commit_point_never_passes_an_unfinished_message():
+    tracker = OffsetTracker()
+    tracker.set_committed("p0", 10)
+    for offset in range(10, 15):
+        assert tracker.register("p0", offset, timestamp=offset)
+    tracker.finish("p0", 12)
+    tracker.finish("p0", 14)
+    assert tracker.to_commit() == {}
+    tracker.finish("p0", 10)
+    assert tracker.to_commit() == {"p0": 11}
+    tracker.finish("p0", 11)
+    assert tracker.to_commit() == {"p0": 13}
+    assert tracker.oldest_pending_timestamp("p0") == 13
+    tracker.mark_committed({"p0": 13})
+    assert tracker.to_commit() == {}
+    tracker.finish("p0", 13)
+    assert tracker.to_commit() == {"p0": 15} and tracker.pending_count() == 0
+
+
+def test_refetched_or_already_finished_offsets_are_not_tracked_twice():
+    tracker = OffsetTracker()
+    tracker.set_committed("p", 0)
+    assert tracker.register("p", 0) and tracker.register("p", 1)
+    assert not tracker.register("p", 1)
+    tracker.finish("p", 0)
+    assert not tracker.register("p", 0)  # finished, not yet committed
+
+
+def test_forget_drops_revoked_partitions_and_ignores_late_finishes():
+    tracker = OffsetTracker()
+    tracker.register("p", 5)
+    tracker.forget(["p"])
+    tracker.finish("p", 5)
+    assert tracker.to_commit() == {} and tracker.partitions() == []
+
+
+# ---- flow control --------------------------------------------------------------------------
+
+
+def _signals(**values):
+    base = dict(buffered_messages=0, buffered_bytes=0, in_flight_batches=0, rss_bytes=0, sink_healthy=True)
+    base.update(values)
+    return FlowSignals(**base)
+
+
+def test_flow_pauses_at_high_mark_and_resumes_only_below_low_mark():
+    flow = FlowController(
+        buffered_messages=Watermarks(high=100, low=50),
+        buffered_bytes=Watermarks(high=1000, low=500),
+        in_flight_batches=Watermarks(high=4, low=2),
+        memory_bytes=Watermarks(high=900, low=800),
+    )
+    assert not flow.update(_signals(buffered_messages=99))
+    assert flow.update(_signals(buffered_messages=100)) == {"buffered_messages"}
+    assert flow.update(_signals(buffered_messages=60)) == {"buffered_messages"}  # hysteresis
+    assert not flow.update(_signals(buffered_messages=50))
+    assert flow.update(_signals(rss_bytes=950, sink_healthy=False)) == {"memory", "sink"}
+    assert flow.update(_signals(rss_bytes=850)) == {"memory"}
+    assert not flow.paused or flow.update(_signals(rss_bytes=700)) == set()
+
+
+def test_memory_signal_is_off_without_a_budget():
+    flow = FlowController(
+        buffered_messages=Watermarks(high=10, low=5), buffered_bytes=Watermarks(high=10, low=5),
+        in_flight_batches=Watermarks(high=10, low=5), memory_bytes=None,
+    )
+    assert not flow.update(_signals(rss_bytes=10**12))
+
+
+# ---- configuration -------------------------------------------------------------------------
+
+
+def test_settings_from_environment_and_flags():
+    settings = load_settings({"group_id": "from-flag"}, environ={"EMBEDWORKER_INPUT_TOPIC": "in", "EMBEDWORKER_GROUP_ID": "env", "EMBEDWORKER_METRICS_PORT": "9200"})
+    assert (settings.input_topic, settings.group_id, settings.metrics_port) == ("in", "from-flag", 9200)
+    defaults = load_settings(environ={})
+    assert (defaults.input_topic, defaults.output_topic, defaults.dlq_topic, defaults.group_id, defaults.collection) == (
+        "texts", "embeddings", "texts.dlq", "embedworker", "texts")
+    assert (defaults.device, defaults.metrics_port) == ("auto", 9108)
+
+
+@pytest.mark.parametrize(
+    "environ, setting",
+    [
+        ({"EMBEDWORKER_METRICS_PORT": "http"}, "EMBEDWORKER_METRICS_PORT"),
+        ({"EMBEDWORKER_METRICS_PORT": "70000"}, "EMBEDWORKER_METRICS_PORT"),
+        ({"EMBEDWORKER_MAX_IN_FLIGHT_BATCHES": "0"}, "EMBEDWORKER_MAX_IN_FLIGHT_BATCHES"),
+        ({"EMBEDWORKER_INPUT_TOPIC": " "}, "EMBEDWORKER_INPUT_TOPIC"),
+        ({"EMBEDWORKER_STORE_TEXT": "maybe"}, "EMBEDWORKER_STORE_TEXT"),
+        ({"EMBEDWORKER_QDRANT_URL": "qdrant:6333"}, "EMBEDWORKER_QDRANT_URL"),
+        ({"EMBEDWORKER_REDIS_URL": "localhost:6379"}, "EMBEDWORKER_REDIS_URL"),
+        ({"EMBEDWORKER_KAFKA_SECURITY_PROTOCOL": "TLS"}, "EMBEDWORKER_KAFKA_SECURITY_PROTOCOL"),
+        ({"EMBEDWORKER_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "EMBEDWORKER_KAFKA_SASL_USERNAME"),
+        ({"EMBEDWORKER_OUTPUT_TOPIC": "texts"}, "EMBEDWORKER_OUTPUT_TOPIC"),
+    ],
+)
+def test_bad_setting_names_itself(environ, setting):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ=environ)
+    assert caught.value.setting == setting
+    assert setting in str(caught.value) and "\n" not in str(caught.value)
