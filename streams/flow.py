@@ -51,6 +51,10 @@ class FlowController:
         self.active: set[str] = set()
 
     @property
+    def watches_memory(self) -> bool:
+        return self._marks["memory"] is not None
+
+    @property
     def paused(self) -> bool:
         return bool(self.active)
 
@@ -65,6 +69,11 @@ class FlowController:
             if marks is None:
                 continue
             value = values[reason]
+            if reason == "memory" and signals.buffered_messages == 0:
+                # Pausing cannot free memory that no buffered work holds (the allocator
+                # keeps freed pages): holding the pause then would stall for ever.
+                self.active.discard(reason)
+                continue
             if reason in self.active:
                 if value <= marks.low:
                     self.active.discard(reason)

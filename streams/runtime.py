@@ -161,6 +161,7 @@ class Worker:
         self._consumer: Any = None
         self._producer: Any = None
         self._paused = False
+        self._aborting = False
 
     # ---- hooks -------------------------------------------------------------------------
 
@@ -176,6 +177,11 @@ class Worker:
 
     def request_stop(self) -> None:
         """Stop fetching, drain in-flight batches within the deadline, commit, close."""
+        self._stop.set()
+
+    def abort(self) -> None:
+        """Stop as a crash would: no drain, no commit (what is unfinished is replayed)."""
+        self._aborting = True
         self._stop.set()
 
     @property
@@ -357,6 +363,10 @@ class Worker:
     # ---- flow control, lag, commits ----------------------------------------------------
 
     def _apply_flow(self) -> None:
+        if self.flow.watches_memory:
+            # Sampled every round (a ~20 us syscall): one fetch can add megabytes.
+            self._rss = self._process.memory_info().rss
+            self.stats.max_rss_bytes = max(self.stats.max_rss_bytes, self._rss)
         waiting_batches = len(self.batcher) // max(1, self.batcher.max_messages)
         active = self.flow.update(
             FlowSignals(
@@ -473,6 +483,11 @@ class Worker:
 
     async def _drain(self) -> None:
         """Finish what was fetched, within the shutdown deadline, and commit it."""
+        if self._aborting:
+            for task in self._batch_tasks | self._side_tasks:
+                task.cancel()
+            await asyncio.gather(*self._batch_tasks, *self._side_tasks, return_exceptions=True)
+            return
         deadline = time.monotonic() + self.settings.shutdown_timeout_seconds
         if self._fatal is None:
             while len(self.batcher) and time.monotonic() < deadline:

@@ -252,9 +252,9 @@ def test_flow_pauses_at_high_mark_and_resumes_only_below_low_mark():
     assert flow.update(_signals(buffered_messages=100)) == {"buffered_messages"}
     assert flow.update(_signals(buffered_messages=60)) == {"buffered_messages"}  # hysteresis
     assert not flow.update(_signals(buffered_messages=50))
-    assert flow.update(_signals(rss_bytes=950, sink_healthy=False)) == {"memory", "sink"}
-    assert flow.update(_signals(rss_bytes=850)) == {"memory"}
-    assert not flow.paused or flow.update(_signals(rss_bytes=700)) == set()
+    assert flow.update(_signals(rss_bytes=950, buffered_messages=5, sink_healthy=False)) == {"memory", "sink"}
+    assert flow.update(_signals(rss_bytes=850, buffered_messages=5)) == {"memory"}
+    assert flow.update(_signals(rss_bytes=700, buffered_messages=5)) == set()
 
 
 def test_memory_signal_is_off_without_a_budget():
@@ -297,3 +297,13 @@ def test_bad_setting_names_itself(environ, setting):
         load_settings(environ=environ)
     assert caught.value.setting == setting
     assert setting in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_memory_pause_releases_once_nothing_is_buffered():
+    flow = FlowController(
+        buffered_messages=Watermarks(high=10**6, low=1), buffered_bytes=Watermarks(high=10**9, low=1),
+        in_flight_batches=Watermarks(high=10, low=5), memory_bytes=Watermarks(high=900, low=800),
+    )
+    assert flow.update(_signals(rss_bytes=950, buffered_messages=10)) == {"memory"}
+    assert flow.update(_signals(rss_bytes=950, buffered_messages=3)) == {"memory"}
+    assert flow.update(_signals(rss_bytes=950, buffered_messages=0)) == set()

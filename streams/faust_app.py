@@ -1,0 +1,352 @@
+"""A Faust runtime for teams already on Faust: the same pipeline, run by a Faust worker.
+
+What it does: one agent on `EMBEDWORKER_INPUT_TOPIC` micro-batches the stream with
+`stream.take_events(batch_max_messages, within=batch_max_wait_ms)` (the event-yielding
+twin of `stream.take`: the same buffer, but each value comes with its message, whose
+topic, partition and offset a dead letter must name). Every value is decoded with
+`schemas.decode_input`; bad input becomes one dead letter, with the main runtime's
+envelope (`encode_dead_letter`). Valid events go through the shared
+`processors.pipeline.Pipeline` (Redis content-hash cache, embedding, Qdrant upsert: the
+very code the main runtime uses), then one result per event goes to
+`EMBEDWORKER_OUTPUT_TOPIC` (key: the event id), and a dead letter per text the model could
+not embed. Results and dead letters are published and their acknowledgements awaited
+(retried with backoff until they land) before the batch's events are acknowledged to
+Faust, and Faust commits only acknowledged offsets: at-least-once, as in the main runtime.
+
+Safety net: `take_events` acknowledges its buffered events in a `finally`, so a batch
+abandoned by an exception or a cancellation would otherwise be committed without
+results. Each batch therefore holds one extra reference on its messages and releases it
+only once the batch's results are acknowledged: an abandoned batch stays uncommitted and
+is replayed by the next owner. An unexpected error stops the worker (non-zero exit), like
+`WorkerError` in the main runtime.
+
+Run it:
+
+    embedworker faust worker                      # settings from EMBEDWORKER_* variables
+    faust -A streams.faust_app worker --without-web -l info
+
+Choose it when your team already operates Faust workers (deployment, supervision,
+Faust's own CLI and sensors) and the throughput of one batch at a time per worker is
+enough. Choose the main runtime (`embedworker run`) otherwise; this one does NOT have:
+
+- pipelining: one batch at a time per worker (agent concurrency 1, which keeps the
+  upserts in offset order); the main runtime overlaps fetching, cache lookups,
+  embedding and upserts of up to `max_in_flight_batches` batches.
+- adaptive batching: a fixed message count (`batch_max_messages`) and wait
+  (`batch_max_wait_ms`); no token budget (`batch_*_tokens`), no lag-driven switch
+  between the min and max limits (`batch_min_*`, `lag_low`, `lag_high` are ignored).
+- backpressure beyond a message count: Faust bounds its stream buffer
+  (`stream_buffer_maxsize` = `buffer_max_messages`) but there is no pause on buffered
+  bytes (`buffer_max_bytes`), memory (`memory_budget_bytes`) or an unhealthy sink.
+- Prometheus metrics: no `/metrics` (`metrics_port` is ignored), so no lag, cache,
+  batch or latency metrics; Faust's web UI is off (`--without-web`) and it has no lag
+  reading anyway. Logs only.
+- the main runtime's own drain deadline (`shutdown_timeout_seconds`): on SIGTERM and on
+  a rebalance Faust waits for the batch in progress (`stream_wait_empty`), for however
+  long it takes; a batch slower than `broker_rebalance_timeout` (10 s here) during a
+  rebalance can get this member evicted (its batch is then replayed, never lost).
+- Tables, `exactly_once`: not used (see FINDINGS: they misbehave on the Tansu broker).
+
+Also: Faust uses its own partition assignor, so a Faust worker and main-runtime workers
+must not share a consumer group at the same time; they can take turns (the committed
+offsets are ordinary group offsets). The app id is `EMBEDWORKER_GROUP_ID` (Faust's group
+id), and Faust keeps a `<group id>-data` directory under the working directory
+(`--datadir` moves it). Offsets are committed every `commit_interval_ms`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any, Sequence
+
+import faust
+from mode import CrashingSupervisor
+
+from processors.cache import VectorCache
+from processors.embedder import Embedder
+from processors.pipeline import Backoff, Outcome, Pipeline
+from processors.sink import VectorSink
+from schemas import InvalidEvent, Limits, SourcePosition, decode_input, encode_dead_letter
+from streams.config import ConfigError, Settings, load_settings
+from streams.kafka import security_kwargs
+
+log = logging.getLogger(__name__)
+
+__all__ = ["create_app", "main"]
+
+AGENT_NAME = "embedworker.embed"
+
+# The group settings this broker needs (FINDINGS: joins in ~5 s instead of 30-110 s).
+BROKER_SESSION_TIMEOUT = 10.0
+BROKER_HEARTBEAT_INTERVAL = 3.0
+BROKER_REBALANCE_TIMEOUT = 10.0
+
+
+def _credentials(settings: Settings) -> Any:
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    ssl_context = security_kwargs(settings).get("ssl_context")
+    if protocol == "SSL":
+        return faust.SSLCredentials(ssl_context)
+    return faust.SASLCredentials(
+        username=settings.kafka_sasl_username,
+        password=settings.kafka_sasl_password,
+        ssl_context=ssl_context,  # SASL_SSL with a context, SASL_PLAINTEXT without
+        mechanism=settings.kafka_sasl_mechanism,
+    )
+
+
+class _Runtime:
+    """What the agent shares across batches: the pipeline and where results go.
+
+    Parts not given to `create_app` are built from the settings on first start (the
+    model loads in a thread, off the event loop) and closed on shutdown.
+    """
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: Settings,
+        *,
+        embedder: Embedder | None,
+        sink: VectorSink | None,
+        cache: VectorCache | None,
+    ) -> None:
+        self.settings = settings
+        self.limits = Limits(max_message_bytes=settings.max_message_bytes, max_text_bytes=settings.max_text_bytes)
+        self.output = app.topic(settings.output_topic, key_serializer="raw", value_serializer="raw")
+        self.dlq = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw")
+        self.embedder = embedder
+        self.sink = sink
+        self.cache = cache
+        self.pipeline: Pipeline | None = None
+        self._owned: list[Any] = []
+        self._start_lock = asyncio.Lock()
+        self._send_backoff = Backoff(base_seconds=0.2, cap_seconds=5.0)
+
+    async def start(self) -> Pipeline:
+        async with self._start_lock:
+            if self.pipeline is not None:
+                return self.pipeline
+            from streams.factory import build_cache, build_embedder, build_sink
+
+            s = self.settings
+            if self.embedder is None:
+                loop = asyncio.get_running_loop()
+                self.embedder = await loop.run_in_executor(None, build_embedder, s)  # seconds of work
+            if self.sink is None:
+                if not s.qdrant_url and not s.qdrant_path:
+                    log.warning("no EMBEDWORKER_QDRANT_URL or EMBEDWORKER_QDRANT_PATH: vectors are kept in memory only")
+                self.sink = build_sink(s)
+                self._owned.append(self.sink)
+            if self.cache is None:
+                self.cache = build_cache(s)
+                if self.cache is not None:
+                    self._owned.append(self.cache)
+            pipeline = Pipeline(embedder=self.embedder, sink=self.sink, cache=self.cache, store_text=s.store_text)
+            await pipeline.start()
+            self.pipeline = pipeline
+            log.info(
+                "faust runtime ready: %s -> %s (dead letters: %s), collection %s",
+                s.input_topic, s.output_topic, s.dlq_topic, self.sink.collection,
+            )
+            return pipeline
+
+    async def close(self) -> None:
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            await pipeline.close()
+        for part in reversed(self._owned):
+            try:
+                await part.close()
+            except Exception as exc:
+                log.warning("closing %s failed: %s", type(part).__name__, type(exc).__name__)
+        self._owned.clear()
+
+    async def handle(self, events: Sequence[Any]) -> None:
+        """One batch: decode, process, publish; its messages stay held until acknowledged."""
+        messages = [event.message for event in events]
+        for message in messages:
+            message.incref()  # released below only when every result is acknowledged
+        pipeline = self.pipeline or await self.start()
+
+        valid: list[tuple[Any, Any]] = []
+        failures: list[tuple[Any, str, str]] = []
+        for message in messages:
+            try:
+                valid.append((message, decode_input(message.value, self.limits)))
+            except InvalidEvent as exc:
+                failures.append((message, exc.kind, exc.message))
+
+        outcomes: list[Outcome] = await pipeline.process([e for _, e in valid]) if valid else []
+        out: list[tuple[Any, bytes | None, bytes]] = []
+        for (message, _), outcome in zip(valid, outcomes):
+            if outcome.result is not None:
+                out.append((self.output, outcome.event.id.encode("utf-8"), outcome.result.encode()))
+            else:
+                failures.append((message, outcome.error_kind or "error", outcome.error_message or ""))
+        for message, kind, text in failures:
+            source = SourcePosition(topic=message.topic, partition=message.partition, offset=message.offset)
+            out.append((self.dlq, message.key, encode_dead_letter(kind=kind, message=text, source=source, payload=message.value)))
+        await self._publish(out)
+
+        for message in messages:
+            message.decref()  # take_events' own ack now makes them committable
+        log.debug("batch of %d: %d results, %d dead letters", len(messages), len(out) - len(failures), len(failures))
+
+    async def _publish(self, messages: list[tuple[Any, bytes | None, bytes]]) -> None:
+        """Send and await every acknowledgement, retrying failures with backoff (never gives up)."""
+        remaining, attempt = messages, 0
+        while remaining:
+            acks: list[Any] = []
+            for topic, key, value in remaining:
+                try:
+                    # force: publish now, never as a Faust "attachment" held until commit.
+                    acks.append(await topic.send(key=key, value=value, force=True))
+                except Exception as exc:
+                    acks.append(_failed(exc))
+            outcomes = await asyncio.gather(*acks, return_exceptions=True)
+            failed = [m for m, o in zip(remaining, outcomes) if isinstance(o, BaseException)]
+            if failed:
+                error = next(o for o in outcomes if isinstance(o, BaseException))
+                delay = self._send_backoff.delay(attempt)
+                log.warning("publishing %d events failed (%s); retry in %.2fs", len(failed), type(error).__name__, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+            remaining = failed
+
+
+async def _failed(exc: BaseException) -> None:
+    raise exc
+
+
+class _EmbedApp(faust.App):
+    """faust.App that closes the runtime after its agents have stopped."""
+
+    embed_runtime: _Runtime | None = None
+
+    async def on_shutdown(self) -> None:
+        await super().on_shutdown()
+        if self.embed_runtime is not None:
+            await self.embed_runtime.close()
+
+
+def create_app(
+    settings: Settings,
+    *,
+    embedder: Embedder | None = None,
+    sink: VectorSink | None = None,
+    cache: VectorCache | None = None,
+) -> faust.App:
+    """A Faust app running the embedding pipeline (see the module docstring).
+
+    `embedder`, `sink`, `cache`: None builds them from `settings` when the worker starts
+    (no Redis URL: no cache); given ones are used as they are and not closed.
+    """
+    s = settings
+    app = _EmbedApp(
+        s.group_id,
+        broker=[f"kafka://{server.strip()}" for server in s.bootstrap_servers.split(",") if server.strip()],
+        broker_credentials=_credentials(s),
+        broker_client_id="embedworker",
+        broker_session_timeout=BROKER_SESSION_TIMEOUT,
+        broker_heartbeat_interval=BROKER_HEARTBEAT_INTERVAL,
+        broker_rebalance_timeout=BROKER_REBALANCE_TIMEOUT,
+        broker_commit_interval=s.commit_interval_ms / 1000,
+        broker_max_poll_records=s.fetch_max_records,
+        consumer_max_fetch_size=max(1_048_576, s.max_message_bytes + 1024),
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        producer_linger=0.005,
+        # A dead letter carries the original payload plus an envelope.
+        producer_max_request_size=max(1_048_576, 2 * s.max_message_bytes + 65_536),
+        key_serializer="raw",
+        value_serializer="raw",
+        processing_guarantee="at_least_once",
+        stream_buffer_maxsize=s.buffer_max_messages,
+        stream_wait_empty=True,
+        topic_disable_leader=True,  # no leader topic: no Tables, no leader-only tasks
+        web_enabled=False,
+        autodiscover=False,
+    )
+    runtime = _Runtime(app, s, embedder=embedder, sink=sink, cache=cache)
+    app.embed_runtime = runtime
+    source = app.topic(s.input_topic, key_serializer="raw", value_serializer="raw")
+    within = s.batch_max_wait_ms / 1000
+
+    async def embed(stream: faust.StreamT) -> None:
+        await runtime.start()
+        async for events in stream.take_events(s.batch_max_messages, within=within):
+            await runtime.handle(events)
+
+    # Concurrency 1: upserts stay in offset order. An unexpected error stops the worker
+    # (its batch is neither acknowledged nor committed) instead of restarting the agent.
+    app.agent(source, name=AGENT_NAME, concurrency=1, supervisor_strategy=CrashingSupervisor)(embed)
+    return app
+
+
+_app: faust.App | None = None
+
+
+def get_app() -> faust.App:
+    """The app of `faust -A streams.faust_app`: settings from EMBEDWORKER_* variables."""
+    global _app
+    if _app is None:
+        _app = create_app(load_settings())
+    return _app
+
+
+def __getattr__(name: str) -> Any:
+    # Module-level `app`, built on first access: importing this module loads no settings
+    # and no model (the model loads when the worker starts).
+    if name == "app":
+        return get_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_LOGLEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`embedworker faust [worker] [faust options]`: the Faust CLI on this app.
+
+    `worker` gets `--without-web` (unless `--with-web` is given) and the log level of
+    `EMBEDWORKER_LOG_LEVEL` (unless `-l/--loglevel` is given). Other Faust subcommands
+    (`agents`, `send`, ...) pass through unchanged. Returns the exit status.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = load_settings()  # a bad setting: one line, exit 2, before Faust starts
+    except ConfigError as exc:
+        print(f"embedworker: {exc}", file=sys.stderr)
+        return 2
+    if not args:
+        args = ["worker"]
+    if args[0] == "worker":
+        options = args[1:]
+        if "--with-web" not in options and "--without-web" not in options:
+            options.insert(0, "--without-web")
+        if not any(o in ("-l", "--loglevel") or o.startswith(("--loglevel=", "-l")) for o in options):
+            options[:0] = ["--loglevel", _LOGLEVELS[settings.log_level]]
+        args = ["worker", *options]
+
+    from faust.cli.faust import cli
+
+    try:
+        cli.main(args=["-A", __name__ if __name__ != "__main__" else "streams.faust_app", *args], prog_name="embedworker faust")
+    except SystemExit as exc:
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code
+        print(code, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
