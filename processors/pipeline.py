@@ -94,6 +94,7 @@ class Pipeline:
         await self.sink.ensure_collection(self.embedder.dim)
 
     async def close(self) -> None:
+        """Release the model thread; the cache and sink belong to whoever built them."""
         self._embed_executor.shutdown(wait=True, cancel_futures=True)
 
     async def _run_embed(self, texts: Sequence[str]):

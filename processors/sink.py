@@ -101,10 +101,16 @@ class QdrantSink:
                         "use another EMBEDWORKER_COLLECTION or re-embed"
                     )
                 return
-            self._client.create_collection(
-                self.collection,
-                vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
-            )
+            try:
+                self._client.create_collection(
+                    self.collection,
+                    vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                )
+            except Exception:
+                # Another member of the group created it meanwhile (409 Conflict): check its size.
+                if not self._client.collection_exists(self.collection):
+                    raise
+                ensure()
 
         await self._call(ensure)
 

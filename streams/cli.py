@@ -77,7 +77,8 @@ async def _run_worker(settings: Settings) -> int:
     embedder = await loop.run_in_executor(None, build_embedder, settings)  # off the loop: seconds of work
     if not settings.qdrant_url and not settings.qdrant_path:
         log.warning("no EMBEDWORKER_QDRANT_URL or EMBEDWORKER_QDRANT_PATH: vectors are kept in memory only")
-    worker = Worker(settings, embedder=embedder, sink=build_sink(settings), cache=build_cache(settings, metrics), metrics=metrics)
+    sink, cache = build_sink(settings), build_cache(settings, metrics)
+    worker = Worker(settings, embedder=embedder, sink=sink, cache=cache, metrics=metrics)
 
     signals = {"count": 0}
 
@@ -93,10 +94,12 @@ async def _run_worker(settings: Settings) -> int:
         loop.add_signal_handler(sig, on_signal)
     try:
         await worker.run()
-    except SinkConfigError as exc:
+    except (SinkConfigError, WorkerError) as exc:
         raise UserError(str(exc)) from None
-    except WorkerError as exc:
-        raise UserError(str(exc)) from None
+    finally:
+        if cache is not None:
+            await cache.close()
+        await sink.close()
     log.info("stopped cleanly: %d processed, %d dead letters", worker.stats.processed, worker.stats.dead_letters)
     return 0
 
@@ -115,11 +118,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(settings, count=args.cmd_count))
 
 
+def cmd_faust(args: argparse.Namespace) -> int:
+    from streams.faust_app import main as faust_main
+
+    return faust_main(args.cmd_faust_args)
+
+
 # ---- entry point --------------------------------------------------------------------------
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (cmd_run, "Run the worker: consume, embed, upsert, publish results, commit."),
     "demo": (cmd_demo, "Start local services, run the worker on a sample corpus, search it, stop."),
+    "faust": (cmd_faust, "Run the pipeline as a Faust app: `embedworker faust worker [faust options]` (settings from EMBEDWORKER_* variables)."),
 }
 
 
@@ -131,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd_command", metavar="COMMAND")
     sub.required = True
     for name, (function, help_text) in COMMANDS.items():
+        if name == "faust":
+            # Everything after `faust` goes to Faust's own CLI (`embedworker faust worker --help`).
+            command = sub.add_parser(name, help=help_text, description=help_text, add_help=False)
+            command.set_defaults(cmd_function=function)
+            command.add_argument("cmd_faust_args", nargs=argparse.REMAINDER, metavar="FAUST_ARGS")
+            continue
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.set_defaults(cmd_function=function)
         if name == "demo":
@@ -140,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["faust"]:
+        # Straight to Faust's CLI: argparse would reject options such as `faust --help`.
+        return cmd_faust(argparse.Namespace(cmd_faust_args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

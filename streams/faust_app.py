@@ -38,13 +38,16 @@ enough. Choose the main runtime (`embedworker run`) otherwise; this one does NOT
 - backpressure beyond a message count: Faust bounds its stream buffer
   (`stream_buffer_maxsize` = `buffer_max_messages`) but there is no pause on buffered
   bytes (`buffer_max_bytes`), memory (`memory_budget_bytes`) or an unhealthy sink.
-- Prometheus metrics: no `/metrics` (`metrics_port` is ignored), so no lag, cache,
-  batch or latency metrics; Faust's web UI is off (`--without-web`) and it has no lag
-  reading anyway. Logs only.
-- the main runtime's own drain deadline (`shutdown_timeout_seconds`): on SIGTERM and on
-  a rebalance Faust waits for the batch in progress (`stream_wait_empty`), for however
-  long it takes; a batch slower than `broker_rebalance_timeout` (10 s here) during a
-  rebalance can get this member evicted (its batch is then replayed, never lost).
+- embedworker's metrics: no `/metrics` (`metrics_port` is ignored): no lag (records or
+  seconds), cache hit, embed/upsert time, batch size, backpressure or end-to-end latency
+  metrics, and no `RunStats`. Logs only; Faust's web UI is off (`--without-web`). An
+  operator can add one of Faust's own sensors (e.g. `faust.sensors.prometheus`) for
+  per-partition offsets.
+- a drain deadline (`shutdown_timeout_seconds` is ignored): on SIGTERM and on a
+  rebalance Faust waits for the batch in progress and the events buffered for it
+  (`stream_wait_empty`) however long that takes; a batch slower than
+  `broker_rebalance_timeout` (10 s here) during a rebalance can get this member
+  evicted (its batch is then replayed, never lost).
 - Tables, `exactly_once`: not used (see FINDINGS: they misbehave on the Tansu broker).
 
 Also: Faust uses its own partition assignor, so a Faust worker and main-runtime workers

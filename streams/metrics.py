@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 PAUSE_REASONS = ("buffered_messages", "buffered_bytes", "in_flight_batches", "memory", "sink")
 CACHE_HIT_SOURCES = ("redis", "batch")
 DEAD_LETTER_STAGES = ("decode", "embed")
+CACHE_OPERATIONS = ("get", "set")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -101,6 +102,8 @@ class Metrics:
             self.cache_hits.labels(source=source)
         for stage in DEAD_LETTER_STAGES:
             self.messages_dead_lettered.labels(stage=stage)
+        for operation in CACHE_OPERATIONS:
+            self.cache_errors.labels(operation=operation)
 
     def serve(self, *, port: int, host: str = "127.0.0.1") -> None:
         """Expose `/metrics` on a background thread."""

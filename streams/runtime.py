@@ -63,6 +63,7 @@ class RunStats:
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=200_000))
     pauses: int = 0
     resumes: int = 0
+    pause_reasons: dict[str, int] = field(default_factory=dict)
     max_rss_bytes: int = 0
 
 
@@ -387,6 +388,8 @@ class Worker:
             if not self._paused:
                 log.info("pausing consumption: %s", ", ".join(sorted(active)))
                 self.stats.pauses += 1
+                for reason in active:
+                    self.stats.pause_reasons[reason] = self.stats.pause_reasons.get(reason, 0) + 1
                 m.pauses.inc()
             # Re-applied every round: partitions assigned while paused start paused too.
             self._consumer.pause(*assignment)

@@ -1,0 +1,525 @@
+"""What every scenario shares: local services, the model, text sets, timed worker runs.
+
+One broker (Tansu, `LocalBroker`), one `redis-server` (`LocalRedis`) and one loaded
+model serve the whole run; every measured worker run gets topics, a consumer group, a
+Qdrant collection (embedded engine, in memory) and a Redis key prefix of its own, so no
+run sees another run's cache entries or offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import platform
+import random
+import statistics
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import orjson
+import psutil
+
+log = logging.getLogger("bench")
+
+
+# ---- small statistics ------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    values = [v for v in values if v is not None]
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """Nearest-rank percentile (share in 0..1)."""
+    if not len(values):
+        return float("nan")
+    return float(np.percentile(np.asarray(values, dtype=float), share * 100, method="inverted_cdf"))
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    return {"median": median(values), "min": float(min(values)), "max": float(max(values))} if values else {}
+
+
+# ---- machine -----------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    import sentence_transformers
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "cores_logical": os.cpu_count(),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "sentence_transformers": sentence_transformers.__version__,
+        "device": device,
+        "cuda_device": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+    }
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+class CpuMeter:
+    """How busy the machine was with other people's work while we measured.
+
+    `foreign_cores`: average number of cores used by processes outside this one and its
+    children (the broker, redis-server) over the measured interval. On this shared
+    machine it is the noise figure to read next to every rate.
+    """
+
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+
+    def _own(self) -> float:
+        total = 0.0
+        for proc in [self._process, *self._process.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+    def __enter__(self) -> "CpuMeter":
+        self._wall0, self._busy0, self._own0 = time.perf_counter(), self._busy(), self._own()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = max(1e-9, time.perf_counter() - self._wall0)
+        busy, own = self._busy() - self._busy0, self._own() - self._own0
+        self.own_cores = own / wall
+        self.foreign_cores = max(0.0, (busy - own) / wall)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"own_cores": round(self.own_cores, 2), "foreign_cores": round(self.foreign_cores, 2)}
+
+
+# ---- memory --------------------------------------------------------------------------------
+
+
+def trim_memory() -> None:
+    """Give freed heap back to the OS so RSS deltas of the next measurement mean something."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class RssSampler:
+    """Peak resident set size of this process, sampled every `interval` seconds in a thread."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.start_rss = 0
+        self.peak_rss = 0
+
+    def __enter__(self) -> "RssSampler":
+        self.start_rss = self.peak_rss = self._process.memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+
+    @property
+    def delta_rss(self) -> int:
+        return self.peak_rss - self.start_rss
+
+
+# ---- texts -----------------------------------------------------------------------------------
+
+
+def make_unique(texts: Sequence[str]) -> list[str]:
+    """Texts with every repeat made distinct (a short reference appended), order kept."""
+    seen: dict[str, int] = {}
+    out = []
+    for text in texts:
+        count = seen.get(text, 0)
+        seen[text] = count + 1
+        out.append(text if count == 0 else f"{text} (ref {count})")
+    assert len(set(out)) == len(out)
+    return out
+
+
+def short_texts(n: int, seed: int = 101) -> list[str]:
+    """~1 sentence each (about 15 tokens), all distinct."""
+    from streams import corpus
+
+    rng = random.Random(seed)
+    return make_unique([corpus.text(rng, 1) for _ in range(n)])
+
+
+def mixed_texts(n: int, seed: int = 202) -> list[str]:
+    """`streams.corpus.texts` (1 to 12 sentences, short ones more common), all distinct."""
+    from streams import corpus
+
+    return make_unique(corpus.texts(n, seed=seed))
+
+
+def with_duplicates(texts: Sequence[str], share: float, seed: int = 303) -> list[str]:
+    """len(texts) messages of which `share` repeat content: a pool of the first
+    (1 - share) * n texts, each used at least once, the rest drawn from it, shuffled."""
+    n = len(texts)
+    pool = list(texts[: max(1, round(n * (1 - share)))])
+    rng = random.Random(seed)
+    out = pool + [rng.choice(pool) for _ in range(n - len(pool))]
+    rng.shuffle(out)
+    return out
+
+
+# ---- the run's context ----------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    device: str
+    quick: bool
+    repeat: int
+    out: Any
+    embedder: Any = None
+    broker: Any = None
+    redis: Any = None
+    machine: dict[str, Any] = field(default_factory=dict)
+    # Measurements later scenarios may reuse (e.g. capacity for the latency scenario).
+    shared: dict[str, Any] = field(default_factory=dict)
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _pipeline_warm: bool = False
+
+    def size(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+    def start(self) -> None:
+        from processors.embedder import SentenceTransformerEmbedder
+        from streams.devstack import LocalBroker, LocalRedis
+
+        self.broker = self._stack.enter_context(LocalBroker())
+        self.redis = self._stack.enter_context(LocalRedis())
+        self.embedder = SentenceTransformerEmbedder(device=self.device)
+        self.machine = machine_info(self.embedder.device)
+        warm_model(self.embedder)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def warm_model(embedder: Any) -> None:
+    """First calls allocate and pick kernels; keep that out of every measurement."""
+    texts = mixed_texts(96, seed=9) + short_texts(64, seed=9)
+    embedder._model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
+    embedder.embed(texts)
+
+
+def encode_ceiling(embedder: Any, texts: Sequence[str], batch_size: int = 32) -> dict[str, float]:
+    """Plain sentence-transformers on `texts` (the model's limit here): seconds, rate, noise."""
+    with CpuMeter() as cpu:
+        started = time.perf_counter()
+        embedder._model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "rate": len(texts) / seconds, **cpu.as_dict()}
+
+
+def embed_ours(embedder: Any, texts: Sequence[str]) -> dict[str, float]:
+    with CpuMeter() as cpu:
+        started = time.perf_counter()
+        embedder.embed(list(texts))
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "rate": len(texts) / seconds, **cpu.as_dict()}
+
+
+# ---- embedders for comparisons ---------------------------------------------------------------
+
+
+def fixed_count_embedder(base: Any, batch_size: int = 256) -> Any:
+    """The same loaded model, but each call is one `encode(batch_size=256)`: a fixed count
+    per forward pass, padded to the longest text in it (no length-aware planning).
+
+    `SentenceTransformerEmbedder(max_sub_batch=256, sub_batch_tokens=10**9)` would not do:
+    `plan_sub_batches` still sorts by length and cuts wherever padding costs more than
+    the per-call overhead, so it stays length-aware.
+    """
+    from processors.embedder import Embeddings, SentenceTransformerEmbedder
+
+    class FixedCountEmbedder(SentenceTransformerEmbedder):
+        def __init__(self) -> None:  # share the loaded model, do not load another
+            self.__dict__.update(base.__dict__)
+            self.fixed_batch = batch_size
+
+        def embed(self, texts: Sequence[str]) -> Embeddings:
+            if not texts:
+                return Embeddings(np.zeros((0, self.dim), dtype=np.float32), [])
+            counts = self.count_tokens(texts)  # same truncation flags as the real embedder
+            vectors = self._model.encode(
+                list(texts), batch_size=self.fixed_batch, normalize_embeddings=True,
+                convert_to_numpy=True, show_progress_bar=False,
+            )
+            return Embeddings(np.asarray(vectors, dtype=np.float32), [c > self.max_tokens for c in counts])
+
+    return FixedCountEmbedder()
+
+
+# ---- worker runs -------------------------------------------------------------------------------
+
+
+def _bench_worker_class():
+    from streams.runtime import Worker
+
+    class BenchWorker(Worker):
+        """The real Worker, plus the two instants a throughput measurement needs."""
+
+        def __init__(self, *args: Any, target: int, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.target = target
+            self.first_consumed_at: float | None = None
+            self.done_at: float | None = None
+            self.done = asyncio.Event()
+
+        def _accept(self, tp: Any, message: Any) -> None:
+            if self.first_consumed_at is None:
+                self.first_consumed_at = time.perf_counter()
+            super()._accept(tp, message)
+
+        async def _run_batch(self, batch: list[Any]) -> None:
+            await super()._run_batch(batch)
+            if self.done_at is None and self.stats.processed + self.stats.dead_letters >= self.target:
+                self.done_at = time.perf_counter()
+                self.done.set()
+
+    return BenchWorker
+
+
+async def new_settings(ctx: Context, *, partitions: int = 2, **overrides: Any) -> Any:
+    from streams.config import load_settings
+    from streams.kafka import ensure_topics
+
+    name = f"b{uuid.uuid4().hex[:10]}"
+    values: dict[str, Any] = {
+        "bootstrap_servers": ctx.broker.bootstrap_servers,
+        "input_topic": f"{name}.in",
+        "output_topic": f"{name}.out",
+        "dlq_topic": f"{name}.dlq",
+        "group_id": f"{name}.group",
+        "collection": name,
+        "redis_url": ctx.redis.url,
+        "metrics_port": 0,
+        "device": ctx.device,
+    }
+    values.update(overrides)
+    settings = load_settings(values, environ={})
+    await ensure_topics(settings, {settings.input_topic: partitions, settings.output_topic: partitions, settings.dlq_topic: 1})
+    return settings
+
+
+def encode_events(texts: Sequence[str], prefix: str) -> list[bytes]:
+    return [orjson.dumps({"id": f"{prefix}-{i}", "text": t, "metadata": {"n": i}}) for i, t in enumerate(texts)]
+
+
+async def produce_backlog(settings: Any, values: Sequence[bytes]) -> None:
+    from streams.kafka import make_producer
+
+    producer = make_producer(settings, linger_ms=20)
+    await producer.start()
+    try:
+        for i, value in enumerate(values):
+            await producer.send(settings.input_topic, value=value, key=str(i).encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+class WorkerParts:
+    """Sink (embedded Qdrant, in memory) and cache (Redis, own prefix) for one worker run."""
+
+    def __init__(self, ctx: Context, settings: Any) -> None:
+        from processors.cache import RedisCache
+        from processors.sink import QdrantSink
+
+        self.sink = QdrantSink(collection=settings.collection)
+        self.cache = RedisCache(url=ctx.redis.url, prefix=f"bench:{settings.collection}:")
+
+    async def close(self) -> None:
+        await self.cache.close()
+        await self.sink.close()
+
+
+def _metric(metrics: Any, name: str) -> float:
+    value = metrics.registry.get_sample_value(name)
+    return float(value) if value is not None else 0.0
+
+
+async def run_worker_backlog(
+    ctx: Context,
+    texts: Sequence[str],
+    *,
+    embedder: Any = None,
+    settings_overrides: dict[str, Any] | None = None,
+    timeout: float = 900.0,
+) -> dict[str, Any]:
+    """Produce `texts` as a backlog, start the Worker, time first consumed -> last acked."""
+    from streams.metrics import Metrics
+
+    settings = await new_settings(ctx, **(settings_overrides or {}))
+    await produce_backlog(settings, encode_events(texts, settings.collection))
+    parts = WorkerParts(ctx, settings)
+    metrics = Metrics()
+    worker = _bench_worker_class()(
+        settings, embedder=embedder or ctx.embedder, sink=parts.sink, cache=parts.cache, metrics=metrics, target=len(texts)
+    )
+    load_before = load_average()
+    task = asyncio.create_task(worker.run(), name="bench-worker")
+    cpu = CpuMeter()
+    try:
+        done_wait = asyncio.create_task(worker.done.wait())
+        while worker.first_consumed_at is None and not task.done():
+            await asyncio.sleep(0.002)  # only to start the CPU meter near the first fetch
+        cpu.__enter__()
+        finished, _ = await asyncio.wait({task, done_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        cpu.__exit__()
+        if task in finished:
+            task.result()
+            raise RuntimeError("worker stopped before processing the backlog")
+        if done_wait not in finished:
+            raise TimeoutError(f"worker processed {worker.stats.processed}/{len(texts)} in {timeout}s")
+    finally:
+        worker.request_stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, timeout=60)
+        await parts.close()
+    seconds = worker.done_at - worker.first_consumed_at  # type: ignore[operator]
+    sizes = list(worker.stats.batch_sizes)
+    embed_sum = _metric(metrics, "embedworker_embed_duration_seconds_sum")
+    return {
+        "messages": len(texts),
+        "seconds": seconds,
+        "rate": len(texts) / seconds,
+        "processed": worker.stats.processed,
+        "dead_letters": worker.stats.dead_letters,
+        "cached": worker.stats.cached,
+        "texts_embedded": _metric(metrics, "embedworker_texts_embedded_total"),
+        "batches": worker.stats.batches,
+        "batch_size_median": median(sizes),
+        "batch_size_max": max(sizes) if sizes else 0,
+        "embed_seconds_sum": embed_sum,
+        "embed_share_of_wall": embed_sum / seconds if seconds else None,
+        "upsert_seconds_sum": _metric(metrics, "embedworker_upsert_duration_seconds_sum"),
+        "max_rss_mib": worker.stats.max_rss_bytes / 2**20,
+        "load_average_before": load_before,
+        **cpu.as_dict(),
+    }
+
+
+async def warm_pipeline(ctx: Context) -> None:
+    """One small untimed worker run per process (imports, connections, first upserts)."""
+    if ctx._pipeline_warm:
+        return
+    await run_worker_backlog(ctx, mixed_texts(ctx.size(160, 32), seed=5))
+    ctx._pipeline_warm = True
+
+
+# ---- the naive consumer --------------------------------------------------------------------
+
+
+async def run_naive(ctx: Context, texts: Sequence[str]) -> dict[str, Any]:
+    """What the consumer tutorials write: one message at a time, everything awaited.
+
+    getone() -> model.encode([text]) -> upsert one point -> send_and_wait the result ->
+    commit. Timed like the worker: first message consumed -> last commit done.
+    """
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from qdrant_client import QdrantClient, models
+
+    from schemas import point_id
+
+    settings = await new_settings(ctx)
+    await produce_backlog(settings, encode_events(texts, settings.collection))
+    model = ctx.embedder._model
+    client = QdrantClient(location=":memory:")
+    client.create_collection(settings.collection, vectors_config=models.VectorParams(size=ctx.embedder.dim, distance=models.Distance.COSINE))
+    consumer = AIOKafkaConsumer(
+        settings.input_topic, bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id,
+        enable_auto_commit=False, auto_offset_reset="earliest",
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    await consumer.start()
+    await producer.start()
+    started = None
+    cpu = CpuMeter()
+    try:
+        for _ in range(len(texts)):
+            message = await consumer.getone()
+            if started is None:
+                started = time.perf_counter()
+                cpu.__enter__()
+            event = orjson.loads(message.value)
+            vector = model.encode([event["text"]], normalize_embeddings=True, show_progress_bar=False)[0]
+            client.upsert(
+                settings.collection,
+                points=[models.PointStruct(id=point_id(event["id"]), vector=vector.tolist(), payload={"id": event["id"], "text": event["text"]})],
+            )
+            result = {"id": event["id"], "status": "ok", "point_id": point_id(event["id"]), "dim": int(vector.shape[0])}
+            await producer.send_and_wait(settings.output_topic, orjson.dumps(result), key=event["id"].encode())
+            await consumer.commit()
+        seconds = time.perf_counter() - started  # type: ignore[operator]
+        cpu.__exit__()
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        client.close()
+    return {"messages": len(texts), "seconds": seconds, "rate": len(texts) / seconds, **cpu.as_dict()}
+
+
+# ---- repetition helper --------------------------------------------------------------------------
+
+
+async def repeat_async(ctx: Context, body: Callable[[int], Any]) -> list[Any]:
+    out = []
+    for rep in range(ctx.repeat):
+        out.append(await body(rep))
+    return out

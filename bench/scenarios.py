@@ -1,0 +1,505 @@
+"""The seven scenarios. Each returns one JSON-ready result dict (see `bench.report`).
+
+Ratios are computed per repetition from measurements taken back to back (the machine is
+shared and its speed drifts by tens of percent over minutes), and the reported ratio is
+the median of those paired ratios; `medians` holds the medians of the raw figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+import orjson
+
+from bench.harness import (
+    Context,
+    CpuMeter,
+    RssSampler,
+    embed_ours,
+    encode_ceiling,
+    fixed_count_embedder,
+    load_average,
+    median,
+    mixed_texts,
+    new_settings,
+    percentile,
+    run_naive,
+    run_worker_backlog,
+    short_texts,
+    spread,
+    trim_memory,
+    warm_pipeline,
+    with_duplicates,
+)
+
+
+def target(name: str, value: float, op: str, threshold: float, description: str) -> dict[str, Any]:
+    passed = value >= threshold if op == ">=" else value <= threshold
+    return {"name": name, "description": description, "value": value, "op": op, "threshold": threshold, "passed": bool(passed)}
+
+
+def token_stats(ctx: Context, texts: list[str]) -> dict[str, float]:
+    counts = ctx.embedder.count_tokens(texts)
+    return {
+        "texts": len(texts),
+        "tokens_mean": round(float(np.mean(counts)), 1),
+        "tokens_p50": float(np.median(counts)),
+        "tokens_max": int(max(counts)),
+        "chars_mean": round(float(np.mean([len(t) for t in texts])), 1),
+    }
+
+
+def text_sets(ctx: Context) -> dict[str, list[str]]:
+    return {"short": short_texts(ctx.size(2500, 64)), "mixed": mixed_texts(ctx.size(1500, 48))}
+
+
+# ---- 1. ceiling -------------------------------------------------------------------------------
+
+
+async def ceiling(ctx: Context) -> dict[str, Any]:
+    sets = text_sets(ctx)
+    reps = []
+    for rep in range(ctx.repeat):
+        row: dict[str, Any] = {"rep": rep, "load_average": load_average()}
+        for kind, texts in sets.items():
+            encode = encode_ceiling(ctx.embedder, texts)
+            embed = embed_ours(ctx.embedder, texts)
+            row[kind] = {
+                "encode": encode, "encode_rate": encode["rate"],
+                "embed": embed, "embed_rate": embed["rate"],
+                "embed_over_encode": embed["rate"] / encode["rate"],
+            }
+        reps.append(row)
+    medians = {
+        kind: {key: median([r[kind][key] for r in reps]) for key in ("encode_rate", "embed_rate", "embed_over_encode")}
+        for kind in sets
+    }
+    ctx.shared["ceiling"] = medians
+    return {
+        "parameters": {
+            "method": "model._model.encode(texts, batch_size=32, normalize_embeddings=True) vs embedder.embed(texts), same texts, back to back",
+            "sets": {kind: token_stats(ctx, texts) for kind, texts in sets.items()},
+            "batch_size": 32,
+        },
+        "repetitions": reps,
+        "medians": medians,
+        "ratios": {f"{kind}_embed_over_encode": medians[kind]["embed_over_encode"] for kind in sets},
+        "targets": [],
+        "table": [
+            (f"{kind}: model.encode bs=32 (ceiling)", f"{medians[kind]['encode_rate']:.0f} msg/s", "", None)
+            for kind in sets
+        ] + [
+            (f"{kind}: embedder.embed (length-aware)", f"{medians[kind]['embed_rate']:.0f} msg/s ({medians[kind]['embed_over_encode']:.2f}x ceiling)", "", None)
+            for kind in sets
+        ],
+    }
+
+
+# ---- 2. pipeline ------------------------------------------------------------------------------
+
+
+async def pipeline(ctx: Context) -> dict[str, Any]:
+    sets = text_sets(ctx)
+    await warm_pipeline(ctx)
+    reps = []
+    for rep in range(ctx.repeat):
+        row: dict[str, Any] = {"rep": rep, "load_average": load_average()}
+        for kind, texts in sets.items():
+            ceiling_run = encode_ceiling(ctx.embedder, texts)
+            run = await run_worker_backlog(ctx, texts)
+            assert run["cached"] == 0, "all-unique texts must not hit the cache"
+            row[kind] = {"ceiling": ceiling_run, "ceiling_rate": ceiling_run["rate"], "pipeline": run,
+                         "pipeline_rate": run["rate"], "ratio": run["rate"] / ceiling_run["rate"]}
+        reps.append(row)
+    medians = {
+        kind: {
+            "ceiling_rate": median([r[kind]["ceiling_rate"] for r in reps]),
+            "pipeline_rate": median([r[kind]["pipeline_rate"] for r in reps]),
+            "ratio": median([r[kind]["ratio"] for r in reps]),
+            "embed_share_of_wall": median([r[kind]["pipeline"]["embed_share_of_wall"] for r in reps]),
+            "batch_size_median": median([r[kind]["pipeline"]["batch_size_median"] for r in reps]),
+        }
+        for kind in sets
+    }
+    ctx.shared["pipeline_rates"] = {kind: [r[kind]["pipeline_rate"] for r in reps] for kind in sets}
+    targets = [
+        target(f"pipeline_over_ceiling_{kind}", medians[kind]["ratio"], ">=", 0.90,
+               f"Worker end to end / model.encode(bs=32), {kind} texts, all unique")
+        for kind in sets
+    ]
+    return {
+        "parameters": {
+            "method": "backlog produced first; timer from the first message consumed to the last result acknowledged; "
+                      "ceiling (model.encode bs=32) measured right before each run on the same texts",
+            "sets": {kind: token_stats(ctx, texts) for kind, texts in sets.items()},
+            "settings": "defaults (streams.config), Redis cache with an empty prefix, Qdrant embedded in memory",
+        },
+        "repetitions": reps,
+        "medians": medians,
+        "ratios": {f"{kind}_pipeline_over_ceiling": medians[kind]["ratio"] for kind in sets},
+        "targets": targets,
+        "table": [
+            (f"{kind}: pipeline end to end", f"{medians[kind]['pipeline_rate']:.0f} msg/s = {medians[kind]['ratio']:.2f}x ceiling "
+             f"({medians[kind]['ceiling_rate']:.0f})", ">= 0.90x", targets[i]["passed"])
+            for i, kind in enumerate(sets)
+        ],
+    }
+
+
+# ---- 3. naive -----------------------------------------------------------------------------------
+
+
+async def naive(ctx: Context) -> dict[str, Any]:
+    sets = text_sets(ctx)
+    naive_n = ctx.size(200, 16)
+    await run_naive(ctx, sets["short"][:8])  # warm-up: clients, first single-text forward pass
+    reused = "pipeline_rates" in ctx.shared
+    pipeline_rates: dict[str, list[float]] = dict(ctx.shared.get("pipeline_rates", {}))
+    if not reused:
+        await warm_pipeline(ctx)
+    reps = []
+    for rep in range(ctx.repeat):
+        row: dict[str, Any] = {"rep": rep, "load_average": load_average()}
+        for kind, texts in sets.items():
+            if not reused:
+                pipeline_rates.setdefault(kind, []).append((await run_worker_backlog(ctx, texts))["rate"])
+            run = await run_naive(ctx, texts[:naive_n])
+            pipe = pipeline_rates[kind][rep % len(pipeline_rates[kind])]
+            row[kind] = {"naive": run, "naive_rate": run["rate"], "pipeline_rate": pipe, "ratio": pipe / run["rate"]}
+        reps.append(row)
+    medians = {
+        kind: {
+            "naive_rate": median([r[kind]["naive_rate"] for r in reps]),
+            "pipeline_rate": median(pipeline_rates[kind]),
+            "ratio": median([r[kind]["ratio"] for r in reps]),
+        }
+        for kind in sets
+    }
+    targets = [
+        target(f"pipeline_over_naive_{kind}", medians[kind]["ratio"], ">=", 10.0,
+               f"Worker throughput / tutorial one-at-a-time consumer throughput, {kind} texts")
+        for kind in sets
+    ]
+    return {
+        "parameters": {
+            "method": "AIOKafkaConsumer.getone -> model.encode([text]) -> QdrantClient(':memory:').upsert(1 point) -> "
+                      "producer.send_and_wait(result) -> consumer.commit(), on the first texts of the pipeline scenario's sets",
+            "naive_messages": naive_n,
+            "pipeline_messages": {kind: len(texts) for kind, texts in sets.items()},
+            "pipeline_rates_source": "pipeline scenario of this run (paired by repetition)" if reused else "measured here",
+        },
+        "repetitions": reps,
+        "medians": medians,
+        "ratios": {f"{kind}_pipeline_over_naive": medians[kind]["ratio"] for kind in sets},
+        "targets": targets,
+        "table": [
+            (f"{kind}: naive consumer", f"{medians[kind]['naive_rate']:.0f} msg/s; pipeline/naive = {medians[kind]['ratio']:.1f}x",
+             ">= 10x", targets[i]["passed"])
+            for i, kind in enumerate(sets)
+        ],
+    }
+
+
+# ---- 4. duplicates ----------------------------------------------------------------------------
+
+
+async def duplicates(ctx: Context) -> dict[str, Any]:
+    base = mixed_texts(ctx.size(1500, 48), seed=404)
+    arms = {"unique": list(base), "dup50": with_duplicates(base, 0.5), "dup90": with_duplicates(base, 0.9)}
+    await warm_pipeline(ctx)
+    reps = []
+    for rep in range(ctx.repeat):
+        row: dict[str, Any] = {"rep": rep, "load_average": load_average()}
+        for arm, texts in arms.items():
+            row[arm] = await run_worker_backlog(ctx, texts)
+        for arm in ("dup50", "dup90"):
+            row[f"{arm}_over_unique"] = row[arm]["rate"] / row["unique"]["rate"]
+        reps.append(row)
+    medians = {arm: {"rate": median([r[arm]["rate"] for r in reps]),
+                     "cached": median([r[arm]["cached"] for r in reps]),
+                     "texts_embedded": median([r[arm]["texts_embedded"] for r in reps])} for arm in arms}
+    ratios = {f"{arm}_over_unique": median([r[f"{arm}_over_unique"] for r in reps]) for arm in ("dup50", "dup90")}
+    targets = [target("dup90_over_unique", ratios["dup90_over_unique"], ">=", 5.0,
+                      "throughput with 90% repeated content / all unique (mixed texts)")]
+    return {
+        "parameters": {
+            "method": "same N messages with unique ids; texts drawn from a pool of (1-share)*N distinct texts, each used at least once, "
+                      "shuffled; fresh Redis prefix per run (hits come only from repeats inside the run)",
+            "messages": len(base),
+            "distinct_texts": {arm: len(set(texts)) for arm, texts in arms.items()},
+            "set": token_stats(ctx, base),
+        },
+        "repetitions": reps,
+        "medians": medians,
+        "ratios": ratios,
+        "targets": targets,
+        "table": [
+            ("duplicates: all unique", f"{medians['unique']['rate']:.0f} msg/s", "", None),
+            ("duplicates: 50% repeated", f"{medians['dup50']['rate']:.0f} msg/s = {ratios['dup50_over_unique']:.2f}x unique", "", None),
+            ("duplicates: 90% repeated", f"{medians['dup90']['rate']:.0f} msg/s = {ratios['dup90_over_unique']:.2f}x unique", ">= 5x", targets[0]["passed"]),
+        ],
+    }
+
+
+# ---- 5. mixed lengths: token budget vs fixed count ----------------------------------------
+
+
+FIXED_COUNT_SETTINGS = {
+    "batch_min_messages": 256, "batch_max_messages": 256,
+    # Token limits out of the way, so only the count closes a batch.
+    "batch_min_tokens": 10**9, "batch_max_tokens": 10**9,
+}
+
+
+async def mixed_lengths(ctx: Context) -> dict[str, Any]:
+    texts = mixed_texts(ctx.size(1500, 48), seed=505)
+    fixed = fixed_count_embedder(ctx.embedder, 256)
+    await warm_pipeline(ctx)
+    reps = []
+    for rep in range(ctx.repeat):
+        row: dict[str, Any] = {"rep": rep, "load_average": load_average()}
+        order = ["token_budget", "fixed_count"] if rep % 2 == 0 else ["fixed_count", "token_budget"]
+        for arm in order:  # alternate the order so drift does not favour one arm
+            if arm == "token_budget":
+                row[arm] = await run_worker_backlog(ctx, texts)
+            else:
+                row[arm] = await run_worker_backlog(ctx, texts, embedder=fixed, settings_overrides=FIXED_COUNT_SETTINGS)
+        row["token_over_fixed"] = row["token_budget"]["rate"] / row["fixed_count"]["rate"]
+        reps.append(row)
+    medians = {arm: {"rate": median([r[arm]["rate"] for r in reps]),
+                     "batch_size_median": median([r[arm]["batch_size_median"] for r in reps]),
+                     "embed_seconds_sum": median([r[arm]["embed_seconds_sum"] for r in reps])}
+               for arm in ("token_budget", "fixed_count")}
+    ratio = median([r["token_over_fixed"] for r in reps])
+    targets = [target("token_budget_over_fixed_count", ratio, ">=", 1.3, "default token-budget batching / fixed 256 per batch, mixed lengths")]
+    return {
+        "parameters": {
+            "method": "Worker end to end on the same mixed-length backlog; token_budget = default settings and SentenceTransformerEmbedder; "
+                      "fixed_count = batches of exactly 256 messages (token limits disabled) and one model.encode(batch_size=256) per batch",
+            "fixed_count_settings": FIXED_COUNT_SETTINGS,
+            "set": token_stats(ctx, texts),
+        },
+        "repetitions": reps,
+        "medians": medians,
+        "ratios": {"token_budget_over_fixed_count": ratio},
+        "targets": targets,
+        "table": [
+            ("mixed lengths: fixed count 256", f"{medians['fixed_count']['rate']:.0f} msg/s", "", None),
+            ("mixed lengths: token budget (default)", f"{medians['token_budget']['rate']:.0f} msg/s = {ratio:.2f}x fixed", ">= 1.3x", targets[0]["passed"]),
+        ],
+    }
+
+
+# ---- 6. profile sweep ---------------------------------------------------------------------------
+
+
+def _length_count(chars: int, quick: bool) -> int:
+    return 32 if quick else max(128, min(1024, 100_000 // chars))
+
+
+async def profile(ctx: Context) -> dict[str, Any]:
+    from streams.corpus import texts_of_length
+
+    batch_sizes = [8, 32] if ctx.quick else [8, 16, 32, 64, 128, 256]
+    lengths = [10, 100] if ctx.quick else [10, 50, 100, 250, 500, 1024]
+    by_batch_texts = mixed_texts(ctx.size(512, 32), seed=606)
+    by_length_texts = {chars: texts_of_length(_length_count(chars, ctx.quick), chars, seed=607) for chars in lengths}
+    model = ctx.embedder._model
+
+    def measure(texts: list[str], batch_size: int) -> dict[str, float]:
+        trim_memory()
+        with RssSampler() as rss, CpuMeter() as cpu:
+            started = time.perf_counter()
+            model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+            seconds = time.perf_counter() - started
+        return {"texts": len(texts), "seconds": seconds, "rate": len(texts) / seconds, **cpu.as_dict(),
+                "tokens_per_s": sum(ctx.embedder.count_tokens(texts)) / seconds,
+                "peak_rss_mib": rss.peak_rss / 2**20, "peak_rss_delta_mib": rss.delta_rss / 2**20}
+
+    reps = []
+    for rep in range(ctx.repeat):
+        reps.append({
+            "rep": rep, "load_average": load_average(),
+            "batch_size": {str(bs): measure(by_batch_texts, bs) for bs in batch_sizes},
+            "text_length": {str(chars): measure(by_length_texts[chars], 32) for chars in lengths},
+        })
+    medians = {
+        sweep: {key: {m: median([r[sweep][key][m] for r in reps]) for m in ("rate", "tokens_per_s", "peak_rss_mib", "peak_rss_delta_mib")}
+                for key in reps[0][sweep]}
+        for sweep in ("batch_size", "text_length")
+    }
+    best_bs = max(medians["batch_size"], key=lambda k: medians["batch_size"][k]["rate"])
+    return {
+        "parameters": {
+            "method": "model.encode(texts, batch_size=B) directly; RSS sampled every 5 ms in a thread, delta from just before "
+                      "the call (after gc + malloc_trim)",
+            "batch_size_sweep": {"batch_sizes": batch_sizes, "set": token_stats(ctx, by_batch_texts)},
+            "text_length_sweep": {"batch_size": 32, "sets": {str(c): token_stats(ctx, t) for c, t in by_length_texts.items()}},
+        },
+        "repetitions": reps,
+        "medians": medians,
+        "ratios": {"best_over_worst_batch_size": max(v["rate"] for v in medians["batch_size"].values())
+                   / min(v["rate"] for v in medians["batch_size"].values())},
+        "targets": [],
+        "table": [
+            ("profile: best batch size (mixed texts)", f"{best_bs} ({medians['batch_size'][best_bs]['rate']:.0f} msg/s)", "", None),
+            ("profile: rate by batch size", ", ".join(f"{k}: {v['rate']:.0f}" for k, v in medians["batch_size"].items()), "", None),
+            ("profile: peak RSS delta by batch size", ", ".join(f"{k}: {v['peak_rss_delta_mib']:.0f} MiB" for k, v in medians["batch_size"].items()), "", None),
+            ("profile: rate by text length (chars, bs 32)", ", ".join(f"{k}: {v['rate']:.0f}" for k, v in medians["text_length"].items()), "", None),
+        ],
+    }
+
+
+# ---- 7. latency at light load --------------------------------------------------------------------
+
+
+async def _steady_producer(settings: Any, values: list[bytes], rate: float) -> float:
+    from streams.kafka import make_producer
+
+    producer = make_producer(settings, linger_ms=0)
+    await producer.start()
+    loop = asyncio.get_running_loop()
+    try:
+        start = loop.time()
+        for i, value in enumerate(values):
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await producer.send(settings.input_topic, value=value, key=str(i).encode())
+        await producer.flush()
+        return loop.time() - start
+    finally:
+        await producer.stop()
+
+
+async def latency(ctx: Context) -> dict[str, Any]:
+    from bench.harness import WorkerParts, _bench_worker_class, encode_events
+    from streams.metrics import Metrics
+
+    await warm_pipeline(ctx)
+    capacity_texts = mixed_texts(ctx.size(1500, 48), seed=707)
+    if ctx.shared.get("pipeline_rates", {}).get("mixed"):
+        capacity = median(ctx.shared["pipeline_rates"]["mixed"])
+        capacity_source = "pipeline scenario of this run (mixed texts, median)"
+    else:
+        capacity = (await run_worker_backlog(ctx, capacity_texts))["rate"]
+        capacity_source = "measured here (mixed texts backlog)"
+    rate = 0.1 * capacity
+    duration = ctx.size(20, 4)
+    pool = mixed_texts(ctx.size(2000, 200), seed=708)
+    rng = random.Random(709)
+    warmup = 5
+    reps = []
+    pooled: list[float] = []
+    for rep in range(ctx.repeat):
+        settings = await new_settings(ctx)
+        count = max(10, int(rate * duration))
+        texts = rng.sample(pool, warmup + count)
+        values = encode_events(texts, settings.collection)
+        parts = WorkerParts(ctx, settings)
+        metrics = Metrics()
+        worker = _bench_worker_class()(settings, embedder=ctx.embedder, sink=parts.sink, cache=parts.cache, metrics=metrics, target=warmup + count)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _steady_producer(settings, values[:warmup], rate)
+            deadline = time.monotonic() + 60
+            while worker.stats.processed < warmup:
+                if task.done():
+                    task.result()
+                if time.monotonic() > deadline:
+                    raise TimeoutError("latency warm-up messages were not processed")
+                await asyncio.sleep(0.05)  # polling with a deadline, outside the measured window
+            batches_before = len(worker.stats.batch_sizes)
+            embed_sum0 = metrics.registry.get_sample_value("embedworker_embed_duration_seconds_sum") or 0.0
+            embed_n0 = metrics.registry.get_sample_value("embedworker_embed_duration_seconds_count") or 0.0
+            batch_sum0 = metrics.registry.get_sample_value("embedworker_batch_duration_seconds_sum") or 0.0
+            load_before = load_average()
+            with CpuMeter() as cpu:
+                produce_seconds = await _steady_producer(settings, values[warmup:], rate)
+                await asyncio.wait_for(worker.done.wait(), timeout=120)
+        finally:
+            worker.request_stop()
+            await asyncio.wait_for(task, timeout=60)
+            await parts.close()
+        latencies = list(worker.stats.latencies)[warmup:]
+        sizes = list(worker.stats.batch_sizes)[batches_before:]
+        embed_n = (metrics.registry.get_sample_value("embedworker_embed_duration_seconds_count") or 0.0) - embed_n0
+        embed_sum = (metrics.registry.get_sample_value("embedworker_embed_duration_seconds_sum") or 0.0) - embed_sum0
+        batch_sum = (metrics.registry.get_sample_value("embedworker_batch_duration_seconds_sum") or 0.0) - batch_sum0
+        observed = max(1, int(round(median(sizes))))
+        # The reference: median time to embed one batch of the observed size, measured
+        # now, with the worker stopped, on texts from the same distribution.
+        timings = []
+        for _ in range(ctx.size(40, 6)):
+            sample = rng.sample(pool, observed)
+            started = time.perf_counter()
+            ctx.embedder.embed(sample)
+            timings.append(time.perf_counter() - started)
+        batch_embed = median(timings)
+        max_wait = settings.batch_min_wait_ms / 1000
+        rep_target = max_wait + 2 * batch_embed
+        pooled.extend(latencies)
+        reps.append({
+            "rep": rep, "load_average": load_before, **cpu.as_dict(),
+            "messages": len(latencies), "rate_target": rate, "rate_achieved": count / produce_seconds,
+            "p50_ms": percentile(latencies, 0.50) * 1000, "p95_ms": percentile(latencies, 0.95) * 1000,
+            "p99_ms": percentile(latencies, 0.99) * 1000, "max_ms": max(latencies) * 1000,
+            "batch_size_median": median(sizes), "batch_size_p95": percentile(sizes, 0.95), "batch_size_max": max(sizes),
+            "batches": len(sizes),
+            "in_pipeline_embed_ms_mean": 1000 * embed_sum / embed_n if embed_n else None,
+            "batch_duration_ms_mean": 1000 * batch_sum / len(sizes) if sizes else None,
+            "isolated_batch_embed_ms_median": batch_embed * 1000, "isolated_batch_embed_ms_p95": percentile(timings, 0.95) * 1000,
+            "max_wait_ms": max_wait * 1000, "target_ms": rep_target * 1000,
+            "latencies_ms": [round(x * 1000, 2) for x in latencies],
+        })
+    target_ms = median([r["target_ms"] for r in reps])
+    medians = {
+        "pooled_p50_ms": percentile(pooled, 0.50) * 1000, "pooled_p95_ms": percentile(pooled, 0.95) * 1000,
+        "pooled_p99_ms": percentile(pooled, 0.99) * 1000,
+        **{key: median([r[key] for r in reps]) for key in (
+            "p50_ms", "p95_ms", "p99_ms", "batch_size_median", "isolated_batch_embed_ms_median",
+            "in_pipeline_embed_ms_mean", "batch_duration_ms_mean", "rate_achieved")},
+        "target_ms": target_ms,
+    }
+    targets = [target("p99_latency_ms", medians["pooled_p99_ms"], "<=", target_ms,
+                      "p99 produce-timestamp -> result acknowledged at ~10% load <= batch_min_wait_ms + 2 x median embed time of one batch of the observed size")]
+    return {
+        "parameters": {
+            "method": "worker running and warmed; messages produced at a steady rate (linger 0) for the window; "
+                      "latency = result acknowledged - Kafka CreateTime (worker.stats.latencies); percentiles pooled over repetitions",
+            "capacity_msg_per_s": capacity, "capacity_source": capacity_source,
+            "load_share": 0.1, "rate_msg_per_s": rate, "window_seconds": duration,
+            "batch_min_wait_ms": load_settings_default("batch_min_wait_ms"),
+            "set": token_stats(ctx, pool),
+        },
+        "repetitions": reps,
+        "medians": medians,
+        "ratios": {"p99_over_target": medians["pooled_p99_ms"] / target_ms},
+        "targets": targets,
+        "table": [
+            (f"latency at {rate:.0f} msg/s (10% of {capacity:.0f})",
+             f"p50 {medians['pooled_p50_ms']:.0f} / p95 {medians['pooled_p95_ms']:.0f} / p99 {medians['pooled_p99_ms']:.0f} ms",
+             f"p99 <= {target_ms:.0f} ms", targets[0]["passed"]),
+        ],
+    }
+
+
+def load_settings_default(name: str) -> Any:
+    from streams.config import OPTIONS
+
+    return next(o.default for o in OPTIONS if o.name == name)
+
+
+SCENARIOS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
+    "ceiling": ceiling,
+    "pipeline": pipeline,
+    "naive": naive,
+    "duplicates": duplicates,
+    "mixed_lengths": mixed_lengths,
+    "profile": profile,
+    "latency": latency,
+}
