@@ -129,6 +129,16 @@ class CpuMeter:
         return {"own_cores": round(self.own_cores, 2), "foreign_cores": round(self.foreign_cores, 2)}
 
 
+def max_foreign(value: Any) -> float:
+    """Largest `foreign_cores` anywhere inside a result."""
+    if isinstance(value, dict):
+        own = [float(value["foreign_cores"])] if isinstance(value.get("foreign_cores"), (int, float)) else []
+        return max(own + [max_foreign(v) for k, v in value.items() if k != "noise"], default=0.0)
+    if isinstance(value, list):
+        return max((max_foreign(v) for v in value), default=0.0)
+    return 0.0
+
+
 # ---- memory --------------------------------------------------------------------------------
 
 
@@ -232,9 +242,57 @@ class Context:
     shared: dict[str, Any] = field(default_factory=dict)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _pipeline_warm: bool = False
+    # Noise handling on a shared machine: before each measured unit wait (up to the
+    # budget) for a quiet second; redo a unit measured while others used the CPU.
+    quiet_threshold: float = 0.25
+    noise_limit: float = 0.35
+    max_attempts: int = 3
+    noise_budget_seconds: float = 420.0
+    noise_spent_seconds: float = 0.0
 
     def size(self, full: int, quick: int) -> int:
         return quick if self.quick else full
+
+    @property
+    def noise_budget_left(self) -> float:
+        return self.noise_budget_seconds - self.noise_spent_seconds
+
+    async def wait_quiet(self, max_seconds: float = 60.0) -> float:
+        """Wait until other processes use less than `quiet_threshold` cores for 1 s."""
+        waited = 0.0
+        while self.noise_budget_left > 0 and waited < max_seconds:
+            with CpuMeter() as cpu:
+                await asyncio.sleep(1.0)  # a measurement window, not synchronization
+            if cpu.foreign_cores < self.quiet_threshold:
+                return waited
+            waited += 1.0
+            self.noise_spent_seconds += 1.0
+        return waited
+
+    async def measured(self, label: str, unit: Callable[[], Any]) -> dict[str, Any]:
+        """Run one measured unit (a coroutine function returning a dict with
+        `foreign_cores` somewhere inside) in a quiet moment; redo it if it was noisy."""
+        attempts: list[dict[str, Any]] = []
+        best: dict[str, Any] | None = None
+        for attempt in range(self.max_attempts):
+            waited = await self.wait_quiet()
+            began = time.monotonic()
+            result = await unit()
+            noise = max_foreign(result)
+            attempts.append({"foreign_cores_max": noise, "waited_for_quiet_s": waited})
+            if best is None or noise < best[1]:
+                best = (result, noise)
+            if noise <= self.noise_limit:
+                break
+            if attempt + 1 < self.max_attempts and self.noise_budget_left > 0:
+                self.noise_spent_seconds += time.monotonic() - began
+                log.info("%s: other processes used %.2f cores meanwhile; measuring again", label, noise)
+            else:
+                break
+        result, noise = best  # type: ignore[misc]
+        result = dict(result)
+        result["noise"] = {"foreign_cores_max": noise, "clean": noise <= self.noise_limit, "attempts": attempts}
+        return result
 
     def start(self) -> None:
         from processors.embedder import SentenceTransformerEmbedder
@@ -303,6 +361,38 @@ def fixed_count_embedder(base: Any, batch_size: int = 256) -> Any:
             return Embeddings(np.asarray(vectors, dtype=np.float32), [c > self.max_tokens for c in counts])
 
     return FixedCountEmbedder()
+
+
+class TimedEmbedder:
+    """Forwards to an embedder and records each `embed` call: (start, end, texts).
+
+    The Worker runs `embed` on its single embedding thread, so the recorded calls are
+    that thread's busy periods: busy share ~1 means the run was bound by the model.
+    """
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+        self.calls: list[tuple[float, float, list[str]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        started = time.perf_counter()
+        result = self.base.embed(texts)
+        self.calls.append((started, time.perf_counter(), list(texts)))
+        return result
+
+
+def replay_embed_calls(embedder: Any, calls: Sequence[tuple[float, float, list[str]]]) -> dict[str, float]:
+    """The worker's embed calls again, alone: what the model does with the worker's batches."""
+    texts = sum(len(c[2]) for c in calls)
+    with CpuMeter() as cpu:
+        started = time.perf_counter()
+        for _, _, batch in calls:
+            embedder.embed(batch)
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "rate": texts / seconds, "calls": len(calls), **cpu.as_dict()}
 
 
 # ---- worker runs -------------------------------------------------------------------------------
@@ -409,8 +499,9 @@ async def run_worker_backlog(
     await produce_backlog(settings, encode_events(texts, settings.collection))
     parts = WorkerParts(ctx, settings)
     metrics = Metrics()
+    timed = TimedEmbedder(embedder or ctx.embedder)
     worker = _bench_worker_class()(
-        settings, embedder=embedder or ctx.embedder, sink=parts.sink, cache=parts.cache, metrics=metrics, target=len(texts)
+        settings, embedder=timed, sink=parts.sink, cache=parts.cache, metrics=metrics, target=len(texts)
     )
     load_before = load_average()
     task = asyncio.create_task(worker.run(), name="bench-worker")
@@ -435,6 +526,7 @@ async def run_worker_backlog(
     seconds = worker.done_at - worker.first_consumed_at  # type: ignore[operator]
     sizes = list(worker.stats.batch_sizes)
     embed_sum = _metric(metrics, "embedworker_embed_duration_seconds_sum")
+    busy = sum(end - start for start, end, _ in timed.calls)
     return {
         "messages": len(texts),
         "seconds": seconds,
@@ -446,8 +538,12 @@ async def run_worker_backlog(
         "batches": worker.stats.batches,
         "batch_size_median": median(sizes),
         "batch_size_max": max(sizes) if sizes else 0,
-        "embed_seconds_sum": embed_sum,
-        "embed_share_of_wall": embed_sum / seconds if seconds else None,
+        "batch_sizes": sizes,
+        "embed_calls": len(timed.calls),
+        "embed_thread_busy_seconds": busy,
+        "embed_thread_busy_share": busy / seconds if seconds else None,
+        "embed_metric_seconds_sum": embed_sum,  # includes waiting for the embed thread
+        "_embed_calls": timed.calls,  # for replay_embed_calls; dropped before JSON
         "upsert_seconds_sum": _metric(metrics, "embedworker_upsert_duration_seconds_sum"),
         "max_rss_mib": worker.stats.max_rss_bytes / 2**20,
         "load_average_before": load_before,

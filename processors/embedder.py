@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -73,6 +75,28 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def model_version(path: str) -> str | None:
+    """A content hash of a model directory (weights, configs, tokenizer; not READMEs or dotfiles).
+
+    Two models with the same name but other weights get other versions. None when `path`
+    is not a local directory.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = file.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in relative.split("/")) or file.name.lower().startswith("readme"):
+            continue
+        digest.update(relative.encode() + b"\x00")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\x00")
+    return "sha256:" + digest.hexdigest()[:16]
+
+
 def plan_sub_batches(
     token_counts: Sequence[int], *, token_budget: int, max_batch: int, call_overhead_tokens: int = 48
 ) -> list[list[int]]:
@@ -133,7 +157,10 @@ class SentenceTransformerEmbedder:
 
         self.device = select_device(device)
         self.name = model
-        self._model = SentenceTransformer(resolve_model_path(model), device=self.device)
+        path = resolve_model_path(model)
+        self._model = SentenceTransformer(path, device=self.device)
+        self.version = model_version(path)
+        """Content hash of the model's files (None for a model not loaded from a directory)."""
         if self.device.startswith("cuda"):
             self._model.half()
         self.dim = int(self._model.get_embedding_dimension())
@@ -142,7 +169,7 @@ class SentenceTransformerEmbedder:
         self.sub_batch_tokens = sub_batch_tokens or (65536 if on_gpu else 8192)
         self.max_sub_batch = max_sub_batch or (512 if on_gpu else 128)
         self._tokenizer = self._model.tokenizer
-        log.info("model %s loaded on %s (dim %d, max %d tokens)", model, self.device, self.dim, self.max_tokens)
+        log.info("model %s (%s) loaded on %s (dim %d, max %d tokens)", model, self.version, self.device, self.dim, self.max_tokens)
 
     def estimate_tokens(self, text: str) -> int:
         return min(estimate_tokens(text), self.max_tokens)

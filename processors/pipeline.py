@@ -171,7 +171,10 @@ class Pipeline:
 
     async def process(self, events: Sequence[InputEvent]) -> list[Outcome]:
         model, dim = self.embedder.name, self.embedder.dim
-        hashes = [content_hash(model, event.text) for event in events]
+        # Keyed by the weights, not only the name: new weights under the same name miss.
+        version = getattr(self.embedder, "version", None)
+        cache_model = f"{model}@{version}" if version else model
+        hashes = [content_hash(cache_model, event.text) for event in events]
 
         # Dedupe: one vector per distinct content, embedded at most once, also across the
         # batches in flight: a text another batch is already looking up or embedding is
@@ -284,6 +287,9 @@ class Pipeline:
             "model": self.embedder.name,
             "truncated": was_truncated,
         }
+        version = getattr(self.embedder, "version", None)
+        if version:
+            payload["model_version"] = version
         if self.store_text:
             payload["text"] = event.text
         return Point(id=point_id(event.id), vector=vector, payload=payload)

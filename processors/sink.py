@@ -83,6 +83,30 @@ class QdrantSink:
             self._client = QdrantClient(path=path) if path else QdrantClient(location=":memory:")
             self.location = path or ":memory:"
 
+    def for_collection(self, collection: str) -> "QdrantSink":
+        """The same client on another collection (an embedded path allows one client per process).
+
+        Close only the original: the view shares its client and thread.
+        """
+        view = object.__new__(QdrantSink)
+        view.__dict__.update(self.__dict__)
+        view.collection = collection
+        return view
+
+    async def vector_size(self) -> int | None:
+        """The collection's vector size, or None when it does not exist."""
+
+        def size() -> int | None:
+            if not self._client.collection_exists(self.collection):
+                return None
+            vectors = self._client.get_collection(self.collection).config.params.vectors
+            size = getattr(vectors, "size", None)
+            if size is None:
+                raise SinkConfigError(f"collection {self.collection!r} has named vectors, which embedworker does not use")
+            return int(size)
+
+        return await self._call(size)
+
     async def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: function(*args, **kwargs))

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Any, Callable, Sequence
@@ -17,12 +18,35 @@ from typing import Any, Callable, Sequence
 import orjson
 
 from streams.config import ConfigError, Settings, add_arguments, load_settings
+from streams.tools import DEFAULT_TIMEOUT_SECONDS, FORMATS, UserError
 
 log = logging.getLogger("embedworker")
 
+__all__ = ["UserError", "build_parser", "main"]
 
-class UserError(Exception):
-    """A mistake or an environment problem to report in one line."""
+# Settings each command reads (all of them for `run` and `demo`).
+_KAFKA = {
+    "bootstrap_servers", "kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username",
+    "kafka_sasl_password", "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile",
+}
+_QDRANT = {"qdrant_url", "qdrant_api_key", "qdrant_path", "collection"}
+_LOGS = {"log_format", "log_level"}
+_LIMITS = {"max_message_bytes", "max_text_bytes"}
+SETTINGS_OF: dict[str, set[str] | None] = {
+    "run": None,
+    "demo": None,
+    "produce": _KAFKA | _LIMITS | _LOGS | {"input_topic"},
+    "search": _QDRANT | _LOGS | {"model", "device"},
+    "status": _KAFKA | _LOGS | {"input_topic", "group_id"},
+    "reembed": _KAFKA | _QDRANT | _LIMITS | _LOGS | {"input_topic", "device", "store_text"},
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage mistakes reported in one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _JsonFormatter(logging.Formatter):
@@ -41,7 +65,14 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(body).decode()
 
 
+def _json_logging() -> bool:
+    return any(isinstance(h.formatter, _JsonFormatter) for h in logging.getLogger().handlers)
+
+
 def setup_logging(settings: Settings) -> None:
+    if settings.log_format == "json" or not sys.stderr.isatty():
+        # transformers' "Loading weights" bar would break JSON lines and clutter log files.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_format == "json":
         handler.setFormatter(_JsonFormatter())
@@ -56,6 +87,21 @@ def setup_logging(settings: Settings) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings({k: v for k, v in vars(args).items() if not k.startswith("cmd_")})
+
+
+def _tool_settings(args: argparse.Namespace) -> Settings:
+    """Settings of an operator command; its logs stay quiet unless asked (--log-level)."""
+    settings = _settings(args)
+    explicit = args.log_level is not None or "EMBEDWORKER_LOG_LEVEL" in os.environ
+    setup_logging(settings if explicit else settings.replace(log_level="WARNING"))
+    if not explicit:
+        # aiokafka logs each failed connection attempt; the command reports the outcome in one line.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    return settings
+
+
+def _print_json(value: Any) -> None:
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
 
 
 # ---- run ----------------------------------------------------------------------------------
@@ -124,17 +170,214 @@ def cmd_faust(args: argparse.Namespace) -> int:
     return faust_main(args.cmd_faust_args)
 
 
+# ---- produce, search, status, reembed (streams.tools) ---------------------------------------
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from streams import tools
+
+    settings = _tool_settings(args)
+    events, skipped = tools.read_events(
+        args.cmd_file, args.cmd_format, settings,
+        id_field=args.cmd_id_field, text_field=args.cmd_text_field, id_prefix=args.cmd_id_prefix,
+        skip_invalid=args.cmd_skip_invalid,
+    )
+    source = "stdin" if args.cmd_file == "-" else args.cmd_file
+    if not events:
+        raise UserError(f"no texts to send in {source}" + (f" ({skipped} invalid records skipped)" if skipped else ""))
+    sent = asyncio.run(tools.produce(settings, events, timeout=args.cmd_timeout))
+    print(f"sent {sent} events to {settings.input_topic}" + (f" ({skipped} invalid records skipped)" if skipped else ""))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from streams import tools
+
+    settings = _tool_settings(args)
+    hits = asyncio.run(tools.search(settings, args.cmd_query, limit=args.cmd_limit))
+    if args.cmd_json:
+        _print_json([{"score": h.score, "id": h.payload.get("id", h.id), "point_id": h.id, "payload": h.payload} for h in hits])
+        return 0
+    if not hits:
+        print(f"no points in collection {settings.collection}")
+    for line in tools.format_hits(hits):
+        print(line)
+    models = {h.payload.get("model") for h in hits} - {None, settings.model}
+    if models:
+        print(f"embedworker: warning: these points were embedded with {', '.join(sorted(models))}, the query with {settings.model}", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from streams import tools
+
+    settings = _tool_settings(args)
+    report = asyncio.run(
+        tools.status(settings, metrics_urls=args.cmd_metrics_url or (), interval=args.cmd_rate_interval, timeout=args.cmd_timeout)
+    )
+    if args.cmd_json:
+        _print_json(report)
+    else:
+        for line in tools.format_status(report):
+            print(line)
+    return 0
+
+
+def cmd_reembed(args: argparse.Namespace) -> int:
+    from streams import tools
+
+    settings = _tool_settings(args)
+    from_collection = from_topic = None
+    if args.cmd_from_collection is not None:
+        from_collection = args.cmd_from_collection or settings.collection
+    if args.cmd_from_topic is not None:
+        from_topic = args.cmd_from_topic or settings.input_topic
+    report = asyncio.run(
+        tools.reembed(
+            settings, model=args.cmd_model, target=args.cmd_target_collection,
+            from_collection=from_collection, from_topic=from_topic,
+            start_offset=args.cmd_start_offset, end_offset=args.cmd_end_offset, partitions=args.cmd_partition,
+            batch_size=args.cmd_batch_size, timeout=args.cmd_timeout,
+        )
+    )
+    version = f" ({report.model_version})" if report.model_version else ""
+    extra = []
+    if report.skipped:
+        extra.append(f"{report.skipped} skipped (invalid or without text)")
+    if report.failed:
+        extra.append(f"{report.failed} could not be embedded")
+    print(
+        f"re-embedded {report.embedded} texts from {report.source} into collection {report.target} "
+        f"with {report.model}{version}; it holds {report.target_count} points" + (f"; {', '.join(extra)}" if extra else "")
+    )
+    if report.failed:
+        raise UserError(f"{report.failed} texts could not be embedded (see the warnings above)")
+    if report.embedded == 0:
+        raise UserError(f"nothing to re-embed in {report.source}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _offset(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an offset (0 or more), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an offset (0 or more), got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _timeout_argument(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument(
+        "--timeout", dest="cmd_timeout", type=_seconds, default=DEFAULT_TIMEOUT_SECONDS, metavar="SECONDS",
+        help=f"Give up when {what} does not answer within this many seconds (default {DEFAULT_TIMEOUT_SECONDS:g})",
+    )
+
+
+def _add_produce(command: argparse.ArgumentParser) -> None:
+    command.add_argument("cmd_file", nargs="?", default="-", metavar="FILE", help="Input file, or - for stdin (default -)")
+    command.add_argument(
+        "--format", dest="cmd_format", choices=FORMATS, default="lines",
+        help="lines: each non-empty line is a text; jsonl: one JSON object per line; csv: a header row, then one record "
+        "per row (default lines)",
+    )
+    command.add_argument("--id-field", dest="cmd_id_field", default="id", metavar="NAME",
+                         help="jsonl/csv: the field holding the event id (default id); records without it get a generated id")
+    command.add_argument("--text-field", dest="cmd_text_field", default="text", metavar="NAME",
+                         help="jsonl/csv: the field holding the text (default text); every other field goes to metadata")
+    command.add_argument(
+        "--id-prefix", dest="cmd_id_prefix", default=None, metavar="PREFIX",
+        help="Prepended to every id; generated ids are PREFIX + line number (default prefix for generated ids: "
+        "'FILE_NAME:', none for ids from the data)",
+    )
+    command.add_argument("--skip-invalid", dest="cmd_skip_invalid", action="store_true",
+                         help="Skip records the worker would dead-letter (with a warning) instead of stopping before sending anything")
+    _timeout_argument(command, "the broker")
+
+
+def _add_search(command: argparse.ArgumentParser) -> None:
+    command.add_argument("cmd_query", metavar="QUERY", help="Text to search for (embedded with --model)")
+    command.add_argument("--limit", dest="cmd_limit", type=_positive_int, default=5, metavar="N", help="Number of results (default 5)")
+    command.add_argument("--json", dest="cmd_json", action="store_true", help="Print the hits as JSON (score, id, point id, payload)")
+
+
+def _add_status(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--metrics-url", dest="cmd_metrics_url", action="append", metavar="URL",
+        help="A worker's /metrics endpoint, e.g. http://127.0.0.1:9108/metrics (repeatable): adds paused state, "
+        "processed count and rate per worker",
+    )
+    command.add_argument("--rate-interval", dest="cmd_rate_interval", type=_seconds, default=1.0, metavar="SECONDS",
+                         help="Time between the two metrics samples the rate is computed from (default 1; results land a batch at a "
+                         "time, so a longer interval gives a steadier rate)")
+    command.add_argument("--json", dest="cmd_json", action="store_true", help="Print the report as JSON")
+    _timeout_argument(command, "the broker")
+
+
+def _add_reembed(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", dest="cmd_model", required=True, metavar="MODEL",
+                         help="The new model: the bundled all-MiniLM-L6-v2 or a local sentence-transformers directory")
+    command.add_argument("--target-collection", dest="cmd_target_collection", metavar="NAME",
+                         help="Collection to fill (default COLLECTION-MODEL_SHORT_NAME, e.g. texts-all-minilm-l6-v2)")
+    source = command.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-collection", dest="cmd_from_collection", nargs="?", const="", metavar="NAME",
+                        help="Re-embed the texts stored in a collection's payloads (default NAME: --collection)")
+    source.add_argument("--from-topic", dest="cmd_from_topic", nargs="?", const="", metavar="TOPIC",
+                        help="Replay input events from a topic without a consumer group (default TOPIC: --input-topic)")
+    command.add_argument("--start-offset", dest="cmd_start_offset", type=_offset, metavar="N",
+                         help="--from-topic: first offset of each partition (default: the log start)")
+    command.add_argument("--end-offset", dest="cmd_end_offset", type=_offset, metavar="M",
+                         help="--from-topic: stop before this offset in each partition (default: the log end at start-up)")
+    command.add_argument("--partition", dest="cmd_partition", type=_offset, action="append", metavar="P",
+                         help="--from-topic: only this partition (repeatable; default: all)")
+    command.add_argument("--batch-size", dest="cmd_batch_size", type=_positive_int, default=256, metavar="N",
+                         help="Texts per batch (default 256)")
+    _timeout_argument(command, "the broker")
+
+
+_EXTRA_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "produce": _add_produce,
+    "search": _add_search,
+    "status": _add_status,
+    "reembed": _add_reembed,
+}
+
+
 # ---- entry point --------------------------------------------------------------------------
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (cmd_run, "Run the worker: consume, embed, upsert, publish results, commit."),
     "demo": (cmd_demo, "Start local services, run the worker on a sample corpus, search it, stop."),
     "faust": (cmd_faust, "Run the pipeline as a Faust app: `embedworker faust worker [faust options]` (settings from EMBEDWORKER_* variables)."),
+    "produce": (cmd_produce, "Send texts from a file or stdin (lines, JSON lines or CSV) to the input topic as input events."),
+    "search": (cmd_search, "Embed a query and print the nearest points of the collection (score, id, text)."),
+    "status": (cmd_status, "Per input partition: the group's committed offset, the log end and the lag; with --metrics-url, each worker's paused state and rate."),
+    "reembed": (cmd_reembed, "Re-embed a collection's texts, or a range of the input topic, with another model into a new collection."),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="embedworker",
         description="Streaming embedding worker: Kafka in, Redis dedupe, embeddings, Qdrant upsert, result events out.",
     )
@@ -151,8 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(cmd_function=function)
         if name == "demo":
             command.add_argument("--count", dest="cmd_count", type=int, default=1200, help="Valid sample events to produce (default 1200)")
-        add_arguments(command)
+        if name in _EXTRA_ARGUMENTS:
+            _EXTRA_ARGUMENTS[name](command)
+        add_arguments(command, SETTINGS_OF.get(name))
+        _escape_percent(command)
     return parser
+
+
+def _escape_percent(command: argparse.ArgumentParser) -> None:
+    """argparse %-formats help strings: a bare % (\"90% of this\") breaks --help."""
+    for action in command._actions:
+        if action.help and "%" in action.help:
+            action.help = re.sub(r"%(%|\()?", lambda m: m.group(0) if m.group(1) else "%%", action.help)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,13 +418,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.cmd_function(args) or 0)
     except ConfigError as exc:
-        print(f"embedworker: {exc}", file=sys.stderr)
+        _report(str(exc))
         return 2
     except UserError as exc:
-        print(f"embedworker: {exc}", file=sys.stderr)
+        _report(str(exc))
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `embedworker status | head -1`
+        sys.stderr.close()
+        return 1
+
+
+def _report(message: str) -> None:
+    """One line on stderr: a JSON log line under --log-format json, else plain text."""
+    if _json_logging():
+        log.error(message)
+    else:
+        print(f"embedworker: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -264,7 +264,8 @@ def add_arguments(parser: argparse.ArgumentParser, names: set[str] | None = None
             dest=option.name,
             default=None,
             metavar=option.name.split("_")[-1].upper(),
-            help=f"{option.help} [env {option.env}, default {default!r}]",
+            # argparse %-formats help: "90% of this" would break --help.
+            help=f"{option.help} [env {option.env}, default {default!r}]".replace("%", "%%"),
         )
 
 

@@ -78,6 +78,12 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.partition_assigned = Gauge(
+            "embedworker_partition_assigned",
+            "1 while this worker has the partition, 0 after it was revoked",
+            ["topic", "partition"],
+            registry=r,
+        )
         self.commits = Counter("embedworker_offset_commits_total", "Successful offset commits", registry=r)
         self.backpressure_paused = Gauge(
             "embedworker_backpressure_paused", "1 while the assigned partitions are paused", registry=r

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -163,6 +164,8 @@ class Worker:
         self._producer: Any = None
         self._paused = False
         self._aborting = False
+        # Last commit seen per partition, kept across rebalances to notice a broker that lost its state.
+        self._committed_before: dict[TopicPartition, int] = {}
 
     # ---- hooks -------------------------------------------------------------------------
 
@@ -245,6 +248,14 @@ class Worker:
 
     def _accept(self, tp: TopicPartition, message: Any) -> None:
         timestamp = message.timestamp / 1000 if message.timestamp and message.timestamp > 0 else time.time()
+        committed = self.tracker.committed(tp)
+        if committed is not None and message.offset < committed and self.tracker.pending_count(tp) == 0:
+            log.error(
+                "%s[%d] restarted at offset %d below the committed offset %d: the broker lost its log; "
+                "processing from there", tp.topic, tp.partition, message.offset, committed,
+            )
+        if committed is None:
+            self.tracker.set_committed(tp, message.offset)
         if not self.tracker.register(tp, message.offset, timestamp):
             return  # already in flight here (re-fetched after a seek)
         size = len(message.value or b"") + len(message.key or b"")
@@ -294,6 +305,10 @@ class Worker:
 
     async def _run_batch(self, batch: list[Fetched]) -> None:
         started = time.monotonic()
+        batch_id = uuid.uuid4().hex[:12]
+        ids = {"batch_id": batch_id}
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("batch of %d messages: %s", len(batch), _positions(batch), extra=ids)
         self.metrics.batch_size.observe(len(batch))
         self.stats.batches += 1
         self.stats.batch_sizes.append(len(batch))
@@ -302,7 +317,8 @@ class Worker:
         failures = [(item, o.error_kind or "error", o.error_message or "") for item, o in zip(batch, outcomes) if o.result is None]
         if results:
             await self._send_reliably(
-                [(self.settings.output_topic, o.event.id.encode("utf-8"), o.result.encode()) for _, o in results]  # type: ignore[union-attr]
+                [(self.settings.output_topic, o.event.id.encode("utf-8"), o.result.encode()) for _, o in results],  # type: ignore[union-attr]
+                batch_id=batch_id,
             )
             finished_at = time.time()
             for item, outcome in results:
@@ -315,24 +331,31 @@ class Worker:
                 self.metrics.end_to_end_seconds.observe(latency)
             self.metrics.messages_processed.inc(len(results))
         if failures:
-            await self._dead_letter(failures, stage="embed")
-        self.metrics.batch_seconds.observe(time.monotonic() - started)
+            await self._dead_letter(failures, stage="embed", batch_id=batch_id)
+        seconds = time.monotonic() - started
+        self.metrics.batch_seconds.observe(seconds)
+        log.debug("batch done: %d results, %d dead letters in %.3fs", len(results), len(failures), seconds, extra=ids)
 
-    async def _dead_letter(self, failures: list[tuple[Fetched, str, str]], *, stage: str) -> None:
+    async def _dead_letter(self, failures: list[tuple[Fetched, str, str]], *, stage: str, batch_id: str | None = None) -> None:
         messages = []
         for item, kind, message in failures:
             source = SourcePosition(topic=item.tp.topic, partition=item.tp.partition, offset=item.offset)
+            extra: dict[str, str] = {"message_id": _message_id(item)}
+            if batch_id is not None:
+                extra["batch_id"] = batch_id
+            event_id = f" (event id {item.event.id!r})" if item.event is not None else ""
+            log.warning("dead letter at %s%s: %s: %s", stage, event_id, kind, message[:200], extra=extra)
             messages.append(
                 (self.settings.dlq_topic, item.key, encode_dead_letter(kind=kind, message=message, source=source, payload=item.value))
             )
-        await self._send_reliably(messages)
+        await self._send_reliably(messages, batch_id=batch_id)
         for item, kind, _ in failures:
             self._finish(item)
         self.stats.dead_letters += len(failures)
         self.metrics.messages_failed.inc(len(failures))
         self.metrics.messages_dead_lettered.labels(stage=stage).inc(len(failures))
 
-    async def _send_reliably(self, messages: list[tuple[str, bytes | None, bytes]]) -> None:
+    async def _send_reliably(self, messages: list[tuple[str, bytes | None, bytes]], *, batch_id: str | None = None) -> None:
         """Publish and wait for every acknowledgement, retrying failures with backoff.
 
         It never gives up: a message whose result cannot be published must not be
@@ -351,7 +374,10 @@ class Worker:
             if failed:
                 error = next(o for o in outcomes if isinstance(o, BaseException))
                 delay = self._send_backoff.delay(attempt)
-                log.warning("publishing %d events failed (%s); retry in %.2fs", len(failed), type(error).__name__, delay)
+                log.warning(
+                    "publishing %d events failed (%s); retry in %.2fs", len(failed), type(error).__name__, delay,
+                    extra={"batch_id": batch_id} if batch_id is not None else None,
+                )
                 attempt += 1
                 await asyncio.sleep(delay)
             remaining = failed
@@ -448,6 +474,7 @@ class Worker:
                 log.warning("commit failed (%s); it will be retried", type(exc).__name__)
                 return
             self.tracker.mark_committed(offsets)
+            self._committed_before.update(offsets)
             now = time.time()
             for tp in offsets:
                 self._last_commit_at[tp] = now
@@ -456,12 +483,24 @@ class Worker:
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)))
         for tp in assigned:
-            committed = await self._consumer.committed(tp)
-            if committed is None:
-                beginning = await self._consumer.beginning_offsets([tp])
-                committed = beginning.get(tp, 0)
-            self.tracker.set_committed(tp, committed)
+            try:
+                committed = await asyncio.wait_for(self._consumer.committed(tp), timeout=10)
+            except (KafkaError, asyncio.TimeoutError) as exc:
+                log.warning("cannot read the committed offset of %s[%d] (%s)", tp.topic, tp.partition, type(exc).__name__)
+                committed = None
+            previous = self._committed_before.get(tp)
+            if previous and (committed is None or committed < previous):
+                log.error(
+                    "the group's committed offset of %s[%d] went back from %d to %s: the broker lost its "
+                    "state (a memory-only broker restarted?); consuming from there",
+                    tp.topic, tp.partition, previous, committed,
+                )
+            if committed is not None:
+                self.tracker.set_committed(tp, committed)
+            # Without a committed offset the group starts at the log's beginning; the first
+            # fetched offset stands in for it (ListOffsets is unreliable on some brokers).
             self._last_commit_at[tp] = time.time()
+            self.metrics.partition_assigned.labels(topic=tp.topic, partition=str(tp.partition)).set(1)
 
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
         if not revoked:
@@ -481,6 +520,7 @@ class Worker:
             labels = {"topic": tp.topic, "partition": str(tp.partition)}
             self.metrics.consumer_lag_records.labels(**labels).set(0)
             self.metrics.consumer_lag_seconds.labels(**labels).set(0)
+            self.metrics.partition_assigned.labels(**labels).set(0)
 
     # ---- shutdown ----------------------------------------------------------------------
 
@@ -524,3 +564,17 @@ class Worker:
 
 async def _failed(exc: BaseException) -> None:
     raise exc
+
+
+def _message_id(item: Fetched) -> str:
+    """Where a message came from, as `topic/partition/offset` (unique and replay-stable)."""
+    return f"{item.tp.topic}/{item.tp.partition}/{item.offset}"
+
+
+def _positions(batch: list[Fetched]) -> str:
+    """`topic[partition]@first-last` per partition of a batch, for its debug line."""
+    spans: dict[tuple[str, int], list[int]] = {}
+    for item in batch:
+        span = spans.setdefault((item.tp.topic, item.tp.partition), [item.offset, item.offset])
+        span[0], span[1] = min(span[0], item.offset), max(span[1], item.offset)
+    return ", ".join(f"{topic}[{partition}]@{first}-{last}" for (topic, partition), (first, last) in sorted(spans.items()))

@@ -1,0 +1,230 @@
+"""Crashes, signals, broker restarts and secrets, with the worker as a real process.
+
+The embedded Qdrant store (a directory) admits one process at a time, so the tests open
+it only after the last worker process has exited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from processors.sink import QdrantSink
+from schemas import point_id
+from streams.config import Settings
+from streams.devstack import LocalBroker, free_port
+from support import committed_offsets, event, make_settings, produce, read_topic, wait_until
+
+pytestmark = pytest.mark.integration
+
+EMBEDWORKER = str(Path(sys.executable).with_name("embedworker"))
+
+
+def worker_env(settings: Settings, store: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDWORKER_")}
+    env.update(
+        EMBEDWORKER_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
+        EMBEDWORKER_INPUT_TOPIC=settings.input_topic,
+        EMBEDWORKER_OUTPUT_TOPIC=settings.output_topic,
+        EMBEDWORKER_DLQ_TOPIC=settings.dlq_topic,
+        EMBEDWORKER_GROUP_ID=settings.group_id,
+        EMBEDWORKER_COLLECTION=settings.collection,
+        EMBEDWORKER_REDIS_URL=settings.redis_url,
+        EMBEDWORKER_METRICS_PORT="0",
+        EMBEDWORKER_COMMIT_INTERVAL_MS="200",
+        EMBEDWORKER_DEVICE="cpu",
+        HF_HUB_OFFLINE="1",
+    )
+    if settings.qdrant_url:
+        env["EMBEDWORKER_QDRANT_URL"] = settings.qdrant_url
+    else:
+        env["EMBEDWORKER_QDRANT_PATH"] = str(store)
+    env.update(extra)
+    return env
+
+
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([EMBEDWORKER, "run"], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def open_store(settings: Settings, store: Path) -> QdrantSink:
+    return QdrantSink(collection=settings.collection, url=settings.qdrant_url or None, path=None if settings.qdrant_url else str(store))
+
+
+async def test_crash_loop_with_sigkill_loses_nothing(services, embedder, tmp_path):
+    """20,000 events; the worker is SIGKILLed at random moments 10 times and restarted."""
+    total, kills = 20_000, 10
+    rng = random.Random(5)
+    settings = await make_settings(services, partitions=4)
+    pool = [f"Incident {i}: the nightly backup of region {i % 9} finished {i % 13} minutes late." for i in range(1500)]
+    texts = [pool[rng.randrange(len(pool))] for _ in range(total)]
+    malformed = {rng.randrange(total) for _ in range(40)}
+    values = [b"{broken json" if i in malformed else event(f"id-{i}", texts[i]) for i in range(total)]
+    await produce(settings, values)
+    store, log = tmp_path / "qdrant", tmp_path / "worker.log"
+    env = worker_env(settings, store)
+
+    killed = 0
+    progress = []
+    while killed < kills:
+        process = start_worker(env, log)
+        before = sum((await committed_offsets(settings, 4)).values())
+        # Kill after random progress, or at once during start-up now and then.
+        if rng.random() < 0.2:
+            await asyncio.sleep(rng.uniform(0.5, 4.0))  # a random moment is the point of the test
+        else:
+            target = before + rng.randint(200, 1500)
+            await wait_until(
+                lambda: process.poll() is not None or _committed_sync(settings) >= target,
+                timeout=120, what="progress before the kill", interval=0.5,
+            )
+        assert process.poll() is None, log.read_text()[-3000:]
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        killed += 1
+        progress.append(sum((await committed_offsets(settings, 4)).values()))
+
+    process = start_worker(env, log)
+    try:
+        await wait_until(lambda: _committed_sync(settings) >= total, timeout=600, what="the final worker to finish", interval=0.5)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+
+    results = await read_topic(settings, settings.output_topic, expect=total - len(malformed), timeout=120)
+    dead = await read_topic(settings, settings.dlq_topic, expect=len(malformed), timeout=60)
+    result_ids = [orjson.loads(r.value)["id"] for r in results]
+    valid_ids = {f"id-{i}" for i in range(total) if i not in malformed}
+    assert set(result_ids) == valid_ids  # no loss
+    dead_offsets = {orjson.loads(r.value)["source"]["offset"] for r in dead}
+    assert len({(orjson.loads(r.value)["source"]["partition"], orjson.loads(r.value)["source"]["offset"]) for r in dead}) == len(malformed)
+
+    sink = open_store(settings, store)
+    try:
+        assert await sink.count() == len(valid_ids)  # exactly one point per id
+        sample = rng.sample(sorted(valid_ids), 200)
+        points = await sink.retrieve([point_id(i) for i in sample])
+        expected = embedder.embed([texts[int(i.split("-")[1])] for i in sample]).vectors
+        for event_id, vector in zip(sample, expected):
+            assert float(np.dot(points[point_id(event_id)][0], vector)) > 0.999
+    finally:
+        await sink.close()
+    duplicates = len(result_ids) - len(valid_ids)
+    print(f"\ncrash loop: {total} events, {kills} SIGKILLs, committed at kills {progress}, {len(valid_ids)} points, "
+          f"{duplicates} duplicate result events, {len(dead) - len(malformed)} duplicate dead letters, 0 lost, {len(dead_offsets)} dead-letter offsets")
+
+
+def _committed_sync(settings: Settings) -> int:
+    """Committed total read from a short-lived process-local loop (used inside polling lambdas)."""
+    return _run_sync(committed_offsets(settings, 4))
+
+
+def _run_sync(coroutine):
+    import threading
+
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(asyncio.run(coroutine)))
+    thread.start()
+    thread.join()
+    return sum(result[0].values())
+
+
+async def test_sigterm_drains_commits_and_exits_zero_and_a_second_signal_exits_at_once(services, tmp_path):
+    settings = await make_settings(services, partitions=2)
+    await produce(settings, [event(f"id-{i}", f"graceful shutdown text number {i}") for i in range(400)])
+    store, log = tmp_path / "qdrant", tmp_path / "worker.log"
+    process = start_worker(worker_env(settings, store), log)
+    await wait_until(lambda: _committed_sync(settings) >= 50, timeout=120, what="some progress", interval=0.3)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    committed = _committed_sync(settings)
+    results = await read_topic(settings, settings.output_topic)
+    assert committed <= len({orjson.loads(r.value)["id"] for r in results})  # nothing committed without a result
+    assert "stopped cleanly" in log.read_text()
+
+    process = start_worker(worker_env(settings, store), log)
+    await wait_until(lambda: "assigned" in log.read_text(), timeout=120, what="the second worker to start", interval=0.3)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert process.wait(timeout=30) != 0
+    assert time.monotonic() - started < 10
+
+
+async def test_broker_restart_reconnects_and_reports_the_lost_log(embedder, caplog):
+    """The local broker keeps its log in memory: a restart is a fresh, empty log.
+
+    The worker survives the restart, reconnects, rejoins its group and says in one clear
+    error that the group's committed offsets went back (the broker lost its state). What
+    it processes next depends on the fresh broker; the replay path of a broker restart
+    that keeps its log is the crash-loop test's, and runs on testcontainers' Kafka.
+    """
+    from support import Services, running_worker, start_services
+
+    with LocalBroker() as broker:
+        redis = start_services() if not os.environ.get("REDIS_URL") else None
+        services = Services(broker.bootstrap_servers, os.environ.get("REDIS_URL") or redis.redis_url, None, "local")
+        try:
+            settings = await make_settings(services, partitions=1)
+            async with running_worker(settings, embedder) as worker:
+                await produce(settings, [event(f"a{i}", f"before the restart {i}") for i in range(20)])
+                await wait_until(lambda: worker.stats.processed == 20, timeout=60, what="first events")
+                await wait_until(lambda: sum(worker.lag_records().values()) == 0, timeout=30, what="the commit")
+                broker.restart()
+                await wait_until(
+                    lambda: any("the broker lost its state" in r.getMessage() for r in caplog.records),
+                    timeout=120, what="the lost-state error",
+                )
+                assert worker._consumer.assignment()  # rejoined
+                assert not worker._stop.is_set()  # still running
+        finally:
+            if redis is not None:
+                redis.close()
+
+
+async def test_unreachable_broker_is_one_clear_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDWORKER_")}
+    env.update(EMBEDWORKER_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}", EMBEDWORKER_METRICS_PORT="0", HF_HUB_OFFLINE="1",
+               EMBEDWORKER_QDRANT_PATH=str(tmp_path / "q"))
+    done = await asyncio.to_thread(subprocess.run, [EMBEDWORKER, "run"], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "cannot reach Kafka" in done.stderr.strip().splitlines()[-1]
+
+
+async def test_secrets_never_appear_in_logs_or_errors(services, tmp_path):
+    secret_password, secret_key = "hunter2-kafka-SECRET", "qdrant-key-SECRET"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDWORKER_")}
+    env.update(
+        EMBEDWORKER_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}",
+        EMBEDWORKER_KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT",
+        EMBEDWORKER_KAFKA_SASL_USERNAME="svc",
+        EMBEDWORKER_KAFKA_SASL_PASSWORD=secret_password,
+        EMBEDWORKER_REDIS_URL=f"redis://:redis-pass-SECRET@127.0.0.1:{free_port()}/0",
+        EMBEDWORKER_QDRANT_PATH=str(tmp_path / "q"),
+        EMBEDWORKER_QDRANT_API_KEY=secret_key,
+        EMBEDWORKER_METRICS_PORT="0",
+        EMBEDWORKER_LOG_LEVEL="DEBUG",
+        HF_HUB_OFFLINE="1",
+    )
+    done = await asyncio.to_thread(subprocess.run, [EMBEDWORKER, "run"], env=env, capture_output=True, text=True, timeout=180)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "SECRET" not in output
+    from streams.config import load_settings
+
+    settings = load_settings(environ=env)
+    assert "SECRET" not in repr(settings) and "SECRET" not in str(settings)
+    bad = dict(env, EMBEDWORKER_REDIS_URL="http://:pw-SECRET@host")
+    done = await asyncio.to_thread(subprocess.run, [EMBEDWORKER, "run"], env=bad, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "SECRET" not in done.stderr and "EMBEDWORKER_REDIS_URL" in done.stderr
