@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench audit clean
 
 $(STAMP): pyproject.toml requirements.lock infra/install-system.sh
 	bash infra/install-system.sh
@@ -28,3 +28,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .demo
+
+# Audits the locked set against the PyPI/OSV advisory databases (needs access to them).
+audit: install
+	$(PY) -m pip install -q pip-audit
+	$(VENV)/bin/pip-audit -r requirements.lock --no-deps --disable-pip

@@ -587,28 +587,45 @@ async def run_naive(ctx: Context, texts: Sequence[str]) -> dict[str, Any]:
     await producer.start()
     started = None
     cpu = CpuMeter()
+    spent = {"getone": 0.0, "encode": 0.0, "upsert": 0.0, "send_and_wait": 0.0, "commit": 0.0}
+    clock = time.perf_counter
     try:
         for _ in range(len(texts)):
+            t0 = clock()
             message = await consumer.getone()
+            t1 = clock()
             if started is None:
-                started = time.perf_counter()
+                started = t1
                 cpu.__enter__()
+            else:
+                spent["getone"] += t1 - t0
             event = orjson.loads(message.value)
             vector = model.encode([event["text"]], normalize_embeddings=True, show_progress_bar=False)[0]
+            t2 = clock()
             client.upsert(
                 settings.collection,
                 points=[models.PointStruct(id=point_id(event["id"]), vector=vector.tolist(), payload={"id": event["id"], "text": event["text"]})],
             )
+            t3 = clock()
             result = {"id": event["id"], "status": "ok", "point_id": point_id(event["id"]), "dim": int(vector.shape[0])}
             await producer.send_and_wait(settings.output_topic, orjson.dumps(result), key=event["id"].encode())
+            t4 = clock()
             await consumer.commit()
+            t5 = clock()
+            spent["encode"] += t2 - t1
+            spent["upsert"] += t3 - t2
+            spent["send_and_wait"] += t4 - t3
+            spent["commit"] += t5 - t4
         seconds = time.perf_counter() - started  # type: ignore[operator]
         cpu.__exit__()
     finally:
         await consumer.stop()
         await producer.stop()
         client.close()
-    return {"messages": len(texts), "seconds": seconds, "rate": len(texts) / seconds, **cpu.as_dict()}
+    per_message_ms = {k: round(1000 * v / len(texts), 3) for k, v in spent.items()}
+    return {"messages": len(texts), "seconds": seconds, "rate": len(texts) / seconds, **cpu.as_dict(),
+            "per_message_ms": per_message_ms,
+            "encode_only_rate": len(texts) / spent["encode"] if spent["encode"] else None}
 
 
 # ---- repetition helper --------------------------------------------------------------------------

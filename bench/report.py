@@ -189,9 +189,11 @@ def _plot_profile(result: dict[str, Any], path: Path) -> None:
         ax.set_xticks(x, keys)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("texts / s", color="tab:blue")
-        ax.set_ylim(bottom=0)
         if sweep == "text_length":
             ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
+        ax.margins(y=0.15)
         ax.grid(alpha=0.3)
         twin = ax.twinx()
         twin.bar(x, rss, 0.4, color="tab:orange", alpha=0.35, label="peak RSS delta (MiB)")

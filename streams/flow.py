@@ -55,6 +55,10 @@ class FlowController:
         return self._marks["memory"] is not None
 
     @property
+    def memory_marks(self) -> Watermarks | None:
+        return self._marks["memory"]
+
+    @property
     def paused(self) -> bool:
         return bool(self.active)
 

@@ -31,12 +31,14 @@ from streams.batching import BatchPolicy, Batcher
 from streams.config import Settings
 from streams.flow import FlowController, FlowSignals, Watermarks
 from streams.kafka import make_consumer, make_producer
+from streams.memory import release_free_memory, tune_allocator
 from streams.metrics import Metrics
 from streams.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.1
+_TRIM_INTERVAL_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -61,7 +63,7 @@ class RunStats:
     dead_letters: int = 0
     batches: int = 0
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=10_000))
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=200_000))
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=50_000))
     pauses: int = 0
     resumes: int = 0
     pause_reasons: dict[str, int] = field(default_factory=dict)
@@ -152,6 +154,7 @@ class Worker:
         self._buffered_messages = 0
         self._buffered_bytes = 0
         self._rss = 0
+        self._next_trim_at = 0.0
         self._process = psutil.Process()
         self._send_backoff = Backoff(base_seconds=0.2, cap_seconds=5.0)
         self._lag: dict[TopicPartition, int] = {}
@@ -200,6 +203,8 @@ class Worker:
 
     async def run(self) -> None:
         s = self.settings
+        if s.memory_budget_bytes:
+            tune_allocator()
         self._consumer = make_consumer(s)
         self._producer = make_producer(s)
         try:
@@ -393,6 +398,14 @@ class Worker:
         if self.flow.watches_memory:
             # Sampled every round (a ~20 us syscall): one fetch can add megabytes.
             self._rss = self._process.memory_info().rss
+            marks = self.flow.memory_marks
+            now = time.monotonic()
+            if marks is not None and self._rss >= marks.high and now >= self._next_trim_at:
+                # Pages the allocator keeps after a free are no work of ours: return them
+                # before judging (~ms; at most once a second).
+                self._next_trim_at = now + _TRIM_INTERVAL_SECONDS
+                if release_free_memory():
+                    self._rss = self._process.memory_info().rss
             self.stats.max_rss_bytes = max(self.stats.max_rss_bytes, self._rss)
         waiting_batches = len(self.batcher) // max(1, self.batcher.max_messages)
         active = self.flow.update(

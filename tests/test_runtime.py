@@ -65,6 +65,8 @@ async def test_backlog_under_a_memory_budget_pauses_resumes_and_finishes(service
         baseline = process.memory_info().rss
         budget = baseline + 100 * 1024 * 1024
         worker.flow._marks["memory"] = Watermarks(high=0.9 * budget, low=0.8 * budget)
+        # Let the buffer, not the pipeline depth, be what fills: memory must be the binding signal.
+        worker.flow._marks["in_flight_batches"] = Watermarks(high=10**9, low=10**9)
         worker.stats.max_rss_bytes = 0
         await asyncio.to_thread(
             subprocess.run,

@@ -1,0 +1,303 @@
+"""The vector store on Qdrant Edge (`qdrant-edge-py`, import name `qdrant_edge`): Qdrant's Rust
+engine embedded in-process, the same interface as `processors.sink.QdrantSink`.
+
+Layout: one edge shard per collection, in the directory `path/<collection>` (not the layout of
+qdrant-client's `path=` store, which this sink refuses to open: a directory with `meta.json`). The shard is
+created by `ensure_collection(dim)` (cosine distance) or loaded when it exists; a stored
+dimension that differs from `dim` is a `SinkConfigError`.
+
+Durability (measured, qdrant-edge-py 0.9.0, see bench/store_compare.py and the tests):
+- The shard keeps a write-ahead log (on by default; this sink never turns it off). `update()`
+  appends to the mmap'd WAL, so an acknowledged upsert survives SIGKILL of the process without
+  `flush()`: the next `load` replays the WAL (about 1.3 s for 20,000 unflushed 384-d points).
+- `update()` does not fsync/msync; `flush()` msyncs the WAL and the segments. So against power
+  loss or a kernel crash, only what was flushed is safe. The sink flushes at most every
+  `flush_interval_seconds` after an upsert (0: after every upsert), and on `close()`; that
+  also bounds the WAL replay at the next start.
+- Without the WAL (`wal_enabled=False`, not used here) nothing written since the last flush
+  survives SIGKILL.
+- The WAL is locked: one process (and one open shard) per collection directory; a second
+  opener gets a `SinkConfigError`.
+
+Every call runs on one dedicated thread, like `QdrantSink`: the engine works inline and would
+otherwise block the event loop, and one thread keeps upserts in submission order (last write wins).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import numpy as np
+
+from processors.sink import Hit, Point, SinkConfigError
+
+log = logging.getLogger(__name__)
+
+_CONFIG_FILE = "edge_config.json"
+
+
+class _Shared:
+    """State shared by a sink and its `for_collection` views: one thread, the open shards."""
+
+    def __init__(self, path: str, flush_interval_seconds: float) -> None:
+        self.path = path
+        self.flush_interval_seconds = flush_interval_seconds
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant-edge")
+        self.shards: dict[str, Any] = {}  # collection -> EdgeShard (touched only on the executor thread)
+        self.dims: dict[str, int] = {}
+        self.last_flush: dict[str, float] = {}
+        self.closed = False
+
+
+class EdgeSink:
+    """Qdrant Edge, embedded and on disk.
+
+    Keyword-only settings:
+    - `collection`: collection name (a shard directory `path/<collection>`, cosine distance).
+    - `path`: the directory holding one shard per collection (created if missing).
+    - `flush_interval_seconds`: flush (msync) to disk at most this often after upserts; 0 flushes
+      after every upsert. Upserts survive SIGKILL either way (WAL); this bounds what a power
+      loss can take and how much WAL the next start replays.
+    """
+
+    def __init__(self, *, collection: str, path: str, flush_interval_seconds: float = 1.0) -> None:
+        import qdrant_edge  # noqa: F401  (fail at construction when the package is missing)
+
+        if not path:
+            raise SinkConfigError("EdgeSink needs a path (a directory for its shards)")
+        if flush_interval_seconds < 0:
+            raise SinkConfigError("flush_interval_seconds must be >= 0")
+        _check_name(collection)
+        self.collection = collection
+        self.location = path
+        self._shared = _Shared(os.path.abspath(path), flush_interval_seconds)
+
+    def for_collection(self, collection: str) -> "EdgeSink":
+        """The same store (thread, open shards) on another collection.
+
+        Close only the original: the view shares its thread; closing either closes all shards.
+        """
+        _check_name(collection)
+        view = object.__new__(EdgeSink)
+        view.__dict__.update(self.__dict__)
+        view.collection = collection
+        return view
+
+    # ---- plumbing (everything below `_call` runs on the executor thread) -----------------
+
+    async def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._shared.closed:
+            raise RuntimeError(f"the edge store at {self.location} is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._shared.executor, lambda: function(*args, **kwargs))
+
+    def _dir(self) -> str:
+        return os.path.join(self._shared.path, self.collection)
+
+    def _stored_size(self) -> int | None:
+        """The vector size recorded on disk, None when the shard does not exist."""
+        if os.path.isfile(os.path.join(self._shared.path, "meta.json")):
+            raise SinkConfigError(
+                f"{self.location} is a qdrant-client local store (meta.json), not qdrant-edge shards: "
+                "open it with EMBEDWORKER_QDRANT_ENGINE=local, or give the edge engine another path"
+            )
+        directory = self._dir()
+        config_file = os.path.join(directory, _CONFIG_FILE)
+        if not os.path.isfile(config_file):
+            if os.path.isdir(os.path.join(directory, "segments")):
+                raise SinkConfigError(f"{directory} holds shard data without {_CONFIG_FILE}; not an edge shard this sink can open")
+            return None
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+        vectors = config.get("vectors") or {}
+        if set(vectors) != {""}:
+            raise SinkConfigError(f"collection {self.collection!r} has named vectors, which embedworker does not use")
+        distance = vectors[""].get("distance")
+        if distance is not None and str(distance).lower() != "cosine":
+            raise SinkConfigError(f"collection {self.collection!r} uses {distance} distance; embedworker needs cosine")
+        return int(vectors[""]["size"])
+
+    def _open(self, create_dim: int | None = None) -> Any:
+        """The collection's shard: already open, loaded from disk, or (given a dim) created."""
+        import qdrant_edge as qe
+
+        shared = self._shared
+        shard = shared.shards.get(self.collection)
+        if shard is not None:
+            return shard
+        directory = self._dir()
+        stored = self._stored_size()
+        try:
+            if stored is not None:
+                shard = qe.EdgeShard.load(directory)
+                dim = stored
+            elif create_dim is not None:
+                os.makedirs(shared.path, exist_ok=True)
+                config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=create_dim, distance=qe.Distance.Cosine))
+                shard = qe.EdgeShard.create(directory, config)
+                dim = create_dim
+            else:
+                raise SinkConfigError(f"collection {self.collection!r} does not exist in {self.location}")
+        except SinkConfigError:
+            raise
+        except Exception as exc:
+            if "WouldBlock" in str(exc):
+                raise SinkConfigError(
+                    f"the edge shard {directory} is open elsewhere (one process per collection directory: "
+                    "stop the other worker first, or use a Qdrant server)"
+                ) from None
+            raise
+        shared.shards[self.collection] = shard
+        shared.dims[self.collection] = dim
+        shared.last_flush[self.collection] = time.monotonic()
+        return shard
+
+    # ---- the VectorSink interface ----------------------------------------------------------
+
+    async def vector_size(self) -> int | None:
+        """The collection's vector size, or None when it does not exist."""
+
+        def size() -> int | None:
+            known = self._shared.dims.get(self.collection)
+            return known if known is not None else self._stored_size()
+
+        return await self._call(size)
+
+    async def ensure_collection(self, dim: int) -> None:
+        def ensure() -> None:
+            size = self._shared.dims.get(self.collection)
+            if size is None:
+                size = self._stored_size()
+            if size is not None and size != dim:
+                raise SinkConfigError(
+                    f"collection {self.collection!r} has vectors of size {size}, the model gives {dim}; "
+                    "use another EMBEDWORKER_COLLECTION or re-embed"
+                )
+            self._open(create_dim=dim)
+
+        await self._call(ensure)
+
+    async def upsert(self, points: Sequence[Point]) -> None:
+        import qdrant_edge as qe
+
+        if not points:
+            return
+
+        def upsert() -> None:
+            shard = self._open()
+            structs = [qe.Point(p.id, np.asarray(p.vector, dtype=np.float32).tolist(), p.payload) for p in points]
+            shard.update(qe.UpdateOperation.upsert_points(structs))  # checks the dimension itself
+            self._maybe_flush(shard)
+
+        await self._call(upsert)
+
+    def _maybe_flush(self, shard: Any) -> None:
+        shared = self._shared
+        now = time.monotonic()
+        if now - shared.last_flush.get(self.collection, 0.0) >= shared.flush_interval_seconds:
+            shard.flush()
+            shared.last_flush[self.collection] = time.monotonic()
+
+    async def flush(self) -> None:
+        """Make everything upserted so far durable against power loss (msync)."""
+
+        def flush() -> None:
+            shard = self._shared.shards.get(self.collection)
+            if shard is not None:
+                shard.flush()
+                self._shared.last_flush[self.collection] = time.monotonic()
+
+        await self._call(flush)
+
+    async def optimize(self) -> bool:
+        """Build the HNSW index (blocking the sink's thread); True when anything changed."""
+        return bool(await self._call(lambda: self._open().optimize()))
+
+    async def count(self) -> int:
+        import qdrant_edge as qe
+
+        return int(await self._call(lambda: self._open().count(qe.CountRequest(exact=True))))
+
+    async def retrieve(self, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        if not ids:
+            return {}
+        records = await self._call(lambda: self._open().retrieve(list(ids), with_payload=True, with_vector=True))
+        return {str(r.id): (np.asarray(r.vector, dtype=np.float32), dict(r.payload or {})) for r in records}
+
+    async def scroll_ids(self) -> list[str]:
+        """Every point id (for tests and re-embedding)."""
+        import qdrant_edge as qe
+
+        def scroll() -> list[str]:
+            shard = self._open()
+            ids: list[str] = []
+            offset = None
+            while True:
+                records, offset = shard.scroll(
+                    qe.ScrollRequest(offset=offset, limit=1000, with_payload=False, with_vector=False)
+                )
+                ids.extend(str(r.id) for r in records)
+                if offset is None:
+                    return ids
+
+        return await self._call(scroll)
+
+    async def search(self, vector: np.ndarray, limit: int = 5) -> list[Hit]:
+        import qdrant_edge as qe
+
+        request = qe.QueryRequest(
+            limit=limit,
+            query=qe.Query.Nearest(np.asarray(vector, dtype=np.float32).tolist()),
+            with_payload=True,
+        )
+        points = await self._call(lambda: self._open().query(request))
+        return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in points]
+
+    async def healthy(self) -> bool:
+        def check() -> bool:
+            shard = self._shared.shards.get(self.collection)
+            if shard is not None:
+                shard.info()
+                return True
+            return os.path.isdir(self._shared.path) or os.access(os.path.dirname(self._shared.path) or ".", os.W_OK)
+
+        try:
+            return bool(await self._call(check))
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        shared = self._shared
+        if shared.closed:
+            return
+
+        def close_all() -> None:
+            errors = []
+            for name, shard in list(shared.shards.items()):
+                try:
+                    shard.flush()
+                    shard.close()
+                except Exception as exc:  # close the others anyway
+                    log.warning("closing edge shard %s failed: %s", name, exc)
+                    errors.append(exc)
+            shared.shards.clear()
+            if errors:
+                raise errors[0]
+
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(shared.executor, close_all)
+        finally:
+            shared.closed = True
+            shared.executor.shutdown(wait=False)
+
+
+def _check_name(collection: str) -> None:
+    if not collection or collection in (".", "..") or "/" in collection or "\\" in collection or "\0" in collection:
+        raise SinkConfigError(f"collection name {collection!r} cannot be a directory name")

@@ -1,0 +1,62 @@
+"""The benchmark suite's code path, at its smallest: `python -m bench --quick`.
+
+Runs the ceiling and pipeline scenarios with tiny sizes and one repetition against the
+local broker, a local redis-server and the embedded Qdrant engine (what `make bench`
+uses), and checks what lands on disk. The numbers themselves are not checked: with
+--quick they mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIO_KEYS = {"scenario", "machine", "parameters", "repetitions", "medians", "ratios", "targets", "quick", "repeat", "table"}
+MACHINE_KEYS = {"platform", "cpu_model", "cores_logical", "torch", "device"}
+TARGET_KEYS = {"name", "value", "op", "threshold", "passed"}
+
+
+def test_quick_bench_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--scenarios", "ceiling,pipeline", "--device", "cpu", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+    for name in ("ceiling", "pipeline"):
+        data = json.loads((out / f"{name}.json").read_text())
+        assert SCENARIO_KEYS <= set(data), f"{name}.json lacks {SCENARIO_KEYS - set(data)}"
+        assert data["scenario"] == name and data["quick"] is True and data["repeat"] == 1
+        assert MACHINE_KEYS <= set(data["machine"]) and data["machine"]["device"] == "cpu"
+        assert len(data["repetitions"]) == 1
+        assert (out / f"{name}.png").stat().st_size > 0
+
+    ceiling = json.loads((out / "ceiling.json").read_text())
+    for kind in ("short", "mixed"):
+        assert ceiling["medians"][kind]["encode_rate"] > 0 and ceiling["medians"][kind]["embed_rate"] > 0
+
+    pipeline = json.loads((out / "pipeline.json").read_text())
+    assert {t["name"] for t in pipeline["targets"]} == {"pipeline_over_ceiling_short", "pipeline_over_ceiling_mixed"}
+    for t in pipeline["targets"]:
+        assert TARGET_KEYS <= set(t) and isinstance(t["passed"], bool)
+    for kind in ("short", "mixed"):
+        run = pipeline["repetitions"][0][kind]["pipeline"]
+        assert run["processed"] == run["messages"] and run["dead_letters"] == 0 and run["cached"] == 0
+        assert pipeline["medians"][kind]["pipeline_rate"] > 0 and pipeline["medians"][kind]["ratio"] > 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["scenarios"]) == {"ceiling", "pipeline"}
+    assert summary["targets_total"] == 2
+    table = (out / "README-table.md").read_text()
+    assert table.count("\n|") >= 6 and "pipeline, short" in table
+    assert "targets passed" in proc.stdout
