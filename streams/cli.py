@@ -29,7 +29,7 @@ _KAFKA = {
     "bootstrap_servers", "kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username",
     "kafka_sasl_password", "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile",
 }
-_QDRANT = {"qdrant_url", "qdrant_api_key", "qdrant_path", "collection"}
+_QDRANT = {"qdrant_url", "qdrant_api_key", "qdrant_path", "qdrant_engine", "collection"}
 _LOGS = {"log_format", "log_level"}
 _LIMITS = {"max_message_bytes", "max_text_bytes"}
 SETTINGS_OF: dict[str, set[str] | None] = {

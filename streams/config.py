@@ -113,6 +113,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("qdrant_url", "", _text, "Qdrant server URL (https:// for TLS)"),
     Option("qdrant_api_key", "", _text, "Qdrant API key", secret=True),
     Option("qdrant_path", "", _text, "Directory of an embedded Qdrant store (when no URL); empty: in memory"),
+    Option("qdrant_engine", "edge", _choice("local", "edge"),
+           "Engine of the embedded path store: edge (qdrant-edge, one shard per collection) or local (qdrant-client, sqlite)"),
     Option("collection", "texts", _nonempty, "Qdrant collection"),
     Option("store_text", True, _bool, "Keep the text in the point payload"),
     Option("model", "all-MiniLM-L6-v2", _nonempty, "Model name or path (default: the bundled all-MiniLM-L6-v2)"),
@@ -163,6 +165,7 @@ class Settings:
     qdrant_url: str
     qdrant_api_key: str
     qdrant_path: str
+    qdrant_engine: str
     collection: str
     store_text: bool
     model: str

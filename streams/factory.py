@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 from processors.cache import RedisCache, VectorCache
+from processors.edge_sink import EdgeSink
 from processors.embedder import SentenceTransformerEmbedder
-from processors.sink import QdrantSink
+from processors.sink import QdrantSink, SinkConfigError
 from streams.config import Settings
 from streams.metrics import Metrics
 
@@ -13,9 +16,19 @@ def build_embedder(settings: Settings) -> SentenceTransformerEmbedder:
     return SentenceTransformerEmbedder(model=settings.model, device=settings.device)
 
 
-def build_sink(settings: Settings) -> QdrantSink:
+def build_sink(settings: Settings, collection: str | None = None) -> QdrantSink | EdgeSink:
+    """A server (URL), an embedded path store (EMBEDWORKER_QDRANT_ENGINE picks edge or local), or in memory."""
+    collection = collection or settings.collection
+    if settings.qdrant_path and not settings.qdrant_url and settings.qdrant_engine == "edge":
+        return EdgeSink(collection=collection, path=settings.qdrant_path)
+    if settings.qdrant_path and not settings.qdrant_url and os.path.isfile(
+        os.path.join(settings.qdrant_path, collection, "edge_config.json")
+    ):
+        raise SinkConfigError(
+            f"{settings.qdrant_path} holds qdrant-edge shards: open it with EMBEDWORKER_QDRANT_ENGINE=edge"
+        )
     return QdrantSink(
-        collection=settings.collection,
+        collection=collection,
         url=settings.qdrant_url or None,
         api_key=settings.qdrant_api_key or None,
         path=settings.qdrant_path or None,

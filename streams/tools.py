@@ -315,20 +315,18 @@ async def produce(settings: Settings, events: Sequence[Any], *, topic: str | Non
 
 
 def _open_sink(settings: Settings, collection: str | None = None, *, must_exist_path: bool = True) -> Any:
-    """A `QdrantSink` on the configured server or embedded path; never the in-memory store."""
-    from processors.sink import QdrantSink
+    """The sink on the configured server or embedded path (either engine); never the in-memory store."""
+    from processors.sink import SinkConfigError
+    from streams.factory import build_sink
 
     if not settings.qdrant_url and not settings.qdrant_path:
         raise UserError("no Qdrant configured: set EMBEDWORKER_QDRANT_URL or EMBEDWORKER_QDRANT_PATH (--qdrant-url, --qdrant-path)")
     if settings.qdrant_path and must_exist_path and not os.path.isdir(settings.qdrant_path):
         raise UserError(f"no Qdrant store at {settings.qdrant_path}")
     try:
-        return QdrantSink(
-            collection=collection or settings.collection,
-            url=settings.qdrant_url or None,
-            api_key=settings.qdrant_api_key or None,
-            path=settings.qdrant_path or None,
-        )
+        return build_sink(settings, collection)
+    except SinkConfigError as exc:
+        raise UserError(str(exc)) from None
     except RuntimeError as exc:
         if "already accessed" in str(exc):
             raise UserError(

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from processors.cache import RedisCache
 from processors.sink import QdrantSink
+from streams.factory import build_sink
 from streams.config import Settings, load_settings
 from streams.kafka import ensure_topics, make_producer
 from streams.metrics import Metrics
@@ -120,7 +121,7 @@ async def make_settings(services: Services, partitions: int = 2, **overrides: An
 
 
 def make_sink(settings: Settings) -> QdrantSink:
-    return QdrantSink(collection=settings.collection, url=settings.qdrant_url or None, path=settings.qdrant_path or None)
+    return build_sink(settings)
 
 
 def make_cache(settings: Settings, metrics: Metrics | None = None) -> RedisCache:

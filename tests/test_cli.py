@@ -17,7 +17,7 @@ import orjson
 import pytest
 from prometheus_client import Gauge, start_http_server
 
-from processors.sink import QdrantSink
+from streams.factory import build_sink
 from schemas import point_id
 from streams import cli, tools
 from streams.devstack import free_port
@@ -119,7 +119,7 @@ def test_user_mistakes_are_one_line_without_traceback(capsys, tmp_path):
     bad_csv = _write(tmp_path, "bad.csv", "id,body\n1,hello\n")
     wide_csv = _write(tmp_path, "wide.csv", "id,text\n1,hello,extra\n")
     empty_store = tmp_path / "store"
-    QdrantSink(collection="x", path=str(empty_store))._client.close()  # noqa: SLF001  (an empty embedded store)
+    empty_store.mkdir()  # an empty embedded store (the default edge engine: no shard yet)
     cases = [
         (["produce", tmp_path / "missing.txt"], "cannot read"),
         (["produce", tmp_path], "cannot read"),
@@ -328,7 +328,7 @@ async def corpus_store(services, embedder, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("qdrant"))
     settings = await make_settings(services, partitions=1, qdrant_path=path, qdrant_url="")
     await produce(settings, [event(i, text, topic=i) for i, text in CORPUS], keys=[i.encode() for i, _ in CORPUS])
-    sink = QdrantSink(collection=settings.collection, path=path)
+    sink = build_sink(settings)
     try:
         async with running_worker(settings, embedder, sink=sink) as worker:
             await wait_until(lambda: worker.stats.processed == len(CORPUS), timeout=90, what="the corpus processed")
@@ -367,7 +367,7 @@ async def test_reembed_collection_into_a_new_collection(corpus_store, capsys):
     target_name = f"{settings.collection}-all-minilm-l6-v2"
     assert f"re-embedded {len(CORPUS)} texts" in out and target_name in out
 
-    source = QdrantSink(collection=settings.collection, path=settings.qdrant_path)
+    source = build_sink(settings)
     target = tools._sibling(source, target_name)  # noqa: SLF001  (one client per path)
     try:
         assert await target.count() == await source.count() == len(CORPUS)
@@ -394,7 +394,7 @@ async def test_reembed_a_topic_range(corpus_store, capsys):
     )
     assert code == 0, err
     assert "re-embedded 4 texts from topic" in out
-    sink = QdrantSink(collection="replayed", path=settings.qdrant_path)
+    sink = build_sink(settings, "replayed")
     try:
         assert await sink.count() == 4
         points = await sink.retrieve([point_id(i) for i, _ in CORPUS])

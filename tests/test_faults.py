@@ -19,7 +19,6 @@ import numpy as np
 import orjson
 import pytest
 
-from processors.sink import QdrantSink
 from schemas import point_id
 from streams.config import Settings
 from streams.devstack import LocalBroker, free_port
@@ -57,8 +56,11 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([EMBEDWORKER, "run"], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
-def open_store(settings: Settings, store: Path) -> QdrantSink:
-    return QdrantSink(collection=settings.collection, url=settings.qdrant_url or None, path=None if settings.qdrant_url else str(store))
+def open_store(settings: Settings, store: Path):
+    """The store the worker processes wrote (same engine, same settings)."""
+    from streams.factory import build_sink
+
+    return build_sink(settings if settings.qdrant_url else settings.replace(qdrant_path=str(store)))
 
 
 async def test_crash_loop_with_sigkill_loses_nothing(services, embedder, tmp_path):
