@@ -65,8 +65,10 @@ async def test_backlog_under_a_memory_budget_pauses_resumes_and_finishes(service
         baseline = process.memory_info().rss
         budget = baseline + 100 * 1024 * 1024
         worker.flow._marks["memory"] = Watermarks(high=0.9 * budget, low=0.8 * budget)
-        # Let the buffer, not the pipeline depth, be what fills: memory must be the binding signal.
-        worker.flow._marks["in_flight_batches"] = Watermarks(high=10**9, low=10**9)
+        # Memory must be the binding signal: the other intake limits are lifted, so without
+        # the memory pause the worker would buffer the whole backlog.
+        for signal in ("in_flight_batches", "buffered_messages", "buffered_bytes"):
+            worker.flow._marks[signal] = Watermarks(high=10**12, low=10**12)
         worker.stats.max_rss_bytes = 0
         await asyncio.to_thread(
             subprocess.run,
