@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import csv
-import hashlib
 import io
 import os
 import re
@@ -635,48 +634,6 @@ def model_short_name(model: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-") or "model"
 
 
-def model_version(model: str) -> str | None:
-    """A content hash of the model's files (weights, configs, tokenizer), or None if not a local directory."""
-    from processors.embedder import resolve_model_path
-
-    try:
-        root = Path(resolve_model_path(model))
-    except Exception:
-        return None
-    if not root.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = path.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in relative.split("/")) or Path(relative).name.lower().startswith("readme"):
-            continue
-        digest.update(relative.encode() + b"\x00")
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(b"\x00")
-    return "sha256:" + digest.hexdigest()[:16]
-
-
-def _versioned_pipeline(**kwargs: Any) -> Any:
-    from processors.pipeline import Pipeline
-
-    class VersionedPipeline(Pipeline):
-        """Adds `model_version` to each point's payload (until Pipeline records it itself)."""
-
-        def __init__(self, *, model_version: str | None, **rest: Any) -> None:
-            super().__init__(**rest)
-            self.model_version = model_version
-
-        def _point(self, *args: Any, **kw: Any) -> Any:
-            point = super()._point(*args, **kw)
-            if self.model_version and "model_version" not in point.payload:
-                point.payload["model_version"] = self.model_version
-            return point
-
-    return VersionedPipeline(**kwargs)
-
-
 @dataclass
 class ReembedReport:
     source: str
@@ -806,6 +763,8 @@ async def reembed(
         raise UserError(f"the target collection must differ from the source {from_collection!r} (--target-collection)")
     sink = _open_sink(settings, target, must_exist_path=from_collection is not None)
     loop = asyncio.get_running_loop()
+    from processors.pipeline import Pipeline
+
     report = ReembedReport(source="", target=target, model=model, model_version=None)
     pipeline = None
     try:
@@ -824,10 +783,8 @@ async def reembed(
             embedder = await loop.run_in_executor(None, _load_embedder, model, settings.device)
         if existing is not None and existing != embedder.dim:
             raise UserError(f"target collection {target!r} has vectors of size {existing}, model {model!r} gives {embedder.dim}")
-        report.model_version = await loop.run_in_executor(None, model_version, model)
-        pipeline = _versioned_pipeline(
-            embedder=embedder, sink=sink, cache=None, store_text=settings.store_text, model_version=report.model_version
-        )
+        report.model_version = getattr(embedder, "version", None)
+        pipeline = Pipeline(embedder=embedder, sink=sink, cache=None, store_text=settings.store_text)
         try:
             await pipeline.start()
         except SinkConfigError as exc:

@@ -373,7 +373,9 @@ async def test_reembed_collection_into_a_new_collection(corpus_store, capsys):
         assert await target.count() == await source.count() == len(CORPUS)
         ids = await source.scroll_ids()
         before, after = await source.retrieve(ids), await target.retrieve(ids)
-        version = tools.model_version("all-MiniLM-L6-v2")
+        from processors.embedder import model_version, resolve_model_path
+
+        version = model_version(resolve_model_path("all-MiniLM-L6-v2"))
         assert version and version.startswith("sha256:")
         for pid in ids:
             (old_vector, old_payload), (new_vector, new_payload) = before[pid], after[pid]
