@@ -77,7 +77,7 @@ async def run_demo(settings: Settings, *, count: int = 1200) -> int:
             await producer.stop()
 
         total = len(events)
-        with tqdm(total=total, desc="embedding", unit="msg", file=out) as bar:
+        with tqdm(total=total, desc="embedding", unit="msg", file=out, mininterval=0.5) as bar:
             def finished() -> int:
                 return worker.stats.processed + worker.stats.dead_letters
 
