@@ -12,6 +12,7 @@ from processors.pipeline import Backoff
 from schemas import point_id
 from streams.devstack import LocalRedis
 from streams.flow import Watermarks
+from streams.memory import release_free_memory
 from streams.metrics import Metrics
 from support import committed_offsets, event, make_cache, make_settings, make_sink, produce, read_topic, running_worker, wait_until
 
@@ -29,7 +30,8 @@ async def main():
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
     await producer.start()
     for i in range(total):
-        body = {"id": f"doc-{i % documents}", "text": pool[i % len(pool)] + f" v{i // documents}"}
+        body = {"id": f"doc-{i % documents}", "text": pool[i % len(pool)] + f" v{i // documents}",
+                "metadata": {"note": "x" * 600}}
         await producer.send(topic, orjson.dumps(body))
     await producer.stop()
 asyncio.run(main())
@@ -68,14 +70,18 @@ async def test_backlog_under_a_memory_budget_pauses_resumes_and_finishes(service
         [sys.executable, "-c", _PRODUCER_SCRIPT, settings.bootstrap_servers, settings.input_topic, str(total), str(documents)],
         check=True, timeout=300,
     )
+    release_free_memory()  # earlier tests' freed pages would otherwise hide the growth
     baseline = process.memory_info().rss
-    budget = baseline + 100 * 1024 * 1024
+    mib = 1024 * 1024
+    budget = baseline + 128 * mib
     settings = settings.replace(memory_budget_bytes=budget)
     async with running_worker(settings, embedder, sink=sink) as worker:
         # Memory must be the binding signal: the other intake limits are lifted, so without
-        # the memory pause the worker would buffer the whole backlog.
+        # the memory pause the worker would buffer the whole backlog (~100 MB of payloads).
+        # The marks sit relative to this process's baseline, not to an absolute budget.
         for signal in ("in_flight_batches", "buffered_messages", "buffered_bytes"):
             worker.flow._marks[signal] = Watermarks(high=10**12, low=10**12)
+        worker.flow._marks["memory"] = Watermarks(high=baseline + 40 * mib, low=baseline + 24 * mib)
         await wait_until(lambda: worker.stats.processed == total, timeout=600, what="the backlog to drain")
         await wait_until(lambda: sum(worker.lag_records().values()) == 0, timeout=30, what="final commits")
         stats = worker.stats
