@@ -27,6 +27,8 @@ import numpy as np
 import orjson
 import psutil
 
+from processors import torch_thread
+
 log = logging.getLogger("bench")
 
 
@@ -184,6 +186,29 @@ class RssSampler:
         return self.peak_rss - self.start_rss
 
 
+# ---- where torch runs ----------------------------------------------------------------------------
+
+
+def on_torch_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run `function` on the process's one torch thread (`processors.torch_thread`).
+
+    Every direct use of the model in the benchmark goes through here, as every use in the
+    worker does: a second thread that has run torch keeps a second OpenMP pool alive, and
+    libgomp then puts idle workers to sleep between the hundreds of parallel regions of a
+    forward pass. Measured here: the Worker embedded 8-15% slower beside such a pool.
+    """
+    return torch_thread.run(function, *args, **kwargs)
+
+
+def native_threads() -> int:
+    """Threads of this process not started by Python (torch/OpenMP pool workers and the like)."""
+    python = {t.native_id for t in threading.enumerate()}
+    try:
+        return sum(1 for tid in os.listdir("/proc/self/task") if int(tid) not in python)
+    except OSError:
+        return -1
+
+
 # ---- texts -----------------------------------------------------------------------------------
 
 
@@ -300,9 +325,10 @@ class Context:
 
         self.broker = self._stack.enter_context(LocalBroker())
         self.redis = self._stack.enter_context(LocalRedis())
-        self.embedder = SentenceTransformerEmbedder(device=self.device)
+        self.embedder = SentenceTransformerEmbedder(device=self.device)  # loads on the torch thread
         self.machine = machine_info(self.embedder.device)
-        warm_model(self.embedder)
+        on_torch_thread(warm_model, self.embedder)
+        self.machine["native_threads_idle"] = native_threads()
 
     def close(self) -> None:
         self._stack.close()
@@ -317,6 +343,10 @@ def warm_model(embedder: Any) -> None:
 
 def encode_ceiling(embedder: Any, texts: Sequence[str], batch_size: int = 32) -> dict[str, float]:
     """Plain sentence-transformers on `texts` (the model's limit here): seconds, rate, noise."""
+    return on_torch_thread(_encode_ceiling, embedder, texts, batch_size)
+
+
+def _encode_ceiling(embedder: Any, texts: Sequence[str], batch_size: int) -> dict[str, float]:
     with CpuMeter() as cpu:
         started = time.perf_counter()
         embedder._model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
@@ -325,6 +355,10 @@ def encode_ceiling(embedder: Any, texts: Sequence[str], batch_size: int = 32) ->
 
 
 def embed_ours(embedder: Any, texts: Sequence[str]) -> dict[str, float]:
+    return on_torch_thread(_embed_ours, embedder, texts)
+
+
+def _embed_ours(embedder: Any, texts: Sequence[str]) -> dict[str, float]:
     with CpuMeter() as cpu:
         started = time.perf_counter()
         embedder.embed(list(texts))
@@ -386,6 +420,10 @@ class TimedEmbedder:
 
 def replay_embed_calls(embedder: Any, calls: Sequence[tuple[float, float, list[str]]]) -> dict[str, float]:
     """The worker's embed calls again, alone: what the model does with the worker's batches."""
+    return on_torch_thread(_replay_embed_calls, embedder, calls)
+
+
+def _replay_embed_calls(embedder: Any, calls: Sequence[tuple[float, float, list[str]]]) -> dict[str, float]:
     texts = sum(len(c[2]) for c in calls)
     with CpuMeter() as cpu:
         started = time.perf_counter()
@@ -410,6 +448,11 @@ def _bench_worker_class():
             self.first_consumed_at: float | None = None
             self.done_at: float | None = None
             self.done = asyncio.Event()
+            self.fetch_rounds = 0
+
+        def _apply_flow(self) -> None:  # called once per round of the fetch loop
+            self.fetch_rounds += 1
+            super()._apply_flow()
 
         def _accept(self, tp: Any, message: Any) -> None:
             if self.first_consumed_at is None:
@@ -501,9 +544,10 @@ async def run_worker_backlog(
     metrics = Metrics()
     timed = TimedEmbedder(embedder or ctx.embedder)
     worker = _bench_worker_class()(
-        settings, embedder=timed, sink=parts.sink, cache=parts.cache, metrics=metrics, target=len(texts)
+        settings, embedder=timed, sink=parts.sink, cache=parts.cache, metrics=metrics, target=len(texts),
     )
     load_before = load_average()
+    native_before = native_threads()
     task = asyncio.create_task(worker.run(), name="bench-worker")
     cpu = CpuMeter()
     try:
@@ -539,6 +583,7 @@ async def run_worker_backlog(
         "batch_size_median": median(sizes),
         "batch_size_max": max(sizes) if sizes else 0,
         "batch_sizes": sizes,
+        "fetch_loop_rounds_per_s": worker.fetch_rounds / seconds if seconds else None,
         "embed_calls": len(timed.calls),
         "embed_thread_busy_seconds": busy,
         "embed_thread_busy_share": busy / seconds if seconds else None,
@@ -547,6 +592,7 @@ async def run_worker_backlog(
         "upsert_seconds_sum": _metric(metrics, "embedworker_upsert_duration_seconds_sum"),
         "max_rss_mib": worker.stats.max_rss_bytes / 2**20,
         "load_average_before": load_before,
+        "native_threads_before": native_before,
         **cpu.as_dict(),
     }
 
@@ -568,13 +614,19 @@ async def run_naive(ctx: Context, texts: Sequence[str]) -> dict[str, Any]:
     getone() -> model.encode([text]) -> upsert one point -> send_and_wait the result ->
     commit. Timed like the worker: first message consumed -> last commit done.
     """
+    settings = await new_settings(ctx)
+    await produce_backlog(settings, encode_events(texts, settings.collection))
+    # The tutorial consumer does everything on one thread, so its event loop runs on the
+    # torch thread: the model call stays a blocking call inside the loop, as written.
+    return on_torch_thread(lambda: asyncio.run(_naive_consumer(ctx, settings, texts)))
+
+
+async def _naive_consumer(ctx: Context, settings: Any, texts: Sequence[str]) -> dict[str, Any]:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from qdrant_client import QdrantClient, models
 
     from schemas import point_id
 
-    settings = await new_settings(ctx)
-    await produce_backlog(settings, encode_events(texts, settings.collection))
     model = ctx.embedder._model
     client = QdrantClient(location=":memory:")
     client.create_collection(settings.collection, vectors_config=models.VectorParams(size=ctx.embedder.dim, distance=models.Distance.COSINE))

@@ -211,8 +211,11 @@ def _plot_profile(result: dict[str, Any], path: Path) -> None:
 def _plot_latency(result: dict[str, Any], path: Path) -> None:
     reps = result["repetitions"]
     med = result["medians"]
+    whatif = result["parameters"].get("whatif_arm", "whatif_fetch_max_wait_20ms")
+    options = result["parameters"].get("whatif_client_options", {})
+    label = "what-if: " + ", ".join(f"{k} {kk}={vv}" for k, v in options.items() for kk, vv in v.items())
     arms = [("default", "Worker as shipped", "tab:blue", med),
-            ("whatif_fetch_max_wait_20ms", "what-if: consumer fetch_max_wait_ms=20", "tab:green", med.get("whatif_fetch_max_wait_20ms"))]
+            (whatif, label, "tab:green", med.get("whatif"))]
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for arm, label, color, stats in arms:
         if not stats or arm not in reps[0]:

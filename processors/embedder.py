@@ -2,6 +2,8 @@
 
 `SentenceTransformerEmbedder.embed` is synchronous and meant to run in a worker thread
 (torch releases the GIL while it computes); the async pipeline never calls it on the loop.
+Whatever thread calls it, the model is loaded and run on the process's one torch thread
+(`processors.torch_thread`), which keeps a single OpenMP pool in the process.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
+
+from processors import torch_thread
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +136,15 @@ def plan_sub_batches(
     return batches
 
 
+def _load_model(path: str, device: str):  # -> SentenceTransformer
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(path, device=device)
+    if device.startswith("cuda"):
+        model.half()  # fp16: half the memory and the transfers, and tensor cores where present
+    return model
+
+
 class SentenceTransformerEmbedder:
     """sentence-transformers model; fp16 on CUDA, fp32 elsewhere; vectors normalized.
 
@@ -153,16 +166,13 @@ class SentenceTransformerEmbedder:
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from sentence_transformers import SentenceTransformer
 
         self.device = select_device(device)
         self.name = model
         path = resolve_model_path(model)
-        self._model = SentenceTransformer(path, device=self.device)
+        self._model = torch_thread.run(_load_model, path, self.device)
         self.version = model_version(path)
         """Content hash of the model's files (None for a model not loaded from a directory)."""
-        if self.device.startswith("cuda"):
-            self._model.half()
         self.dim = int(self._model.get_embedding_dimension())
         self.max_tokens = int(self._model.max_seq_length)
         on_gpu = self.device != "cpu"
@@ -180,6 +190,9 @@ class SentenceTransformerEmbedder:
         return [len(ids) for ids in encoded["input_ids"]]
 
     def embed(self, texts: Sequence[str]) -> Embeddings:
+        return torch_thread.run(self._embed, texts)
+
+    def _embed(self, texts: Sequence[str]) -> Embeddings:
         if not texts:
             return Embeddings(np.zeros((0, self.dim), dtype=np.float32), [])
         counts = self.count_tokens(texts)

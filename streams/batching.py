@@ -5,6 +5,9 @@ close after `min_wait_seconds` with the base limits: latency first. At or above
 `high_lag` they wait up to `max_wait_seconds` and may grow to the high limits:
 throughput first (fewer round trips to Redis and Qdrant per message). In between, the
 limits are interpolated linearly. On a full buffer a batch never waits: it is ready.
+
+A batch also closes at once when the consumer has caught up (`close_now`): the broker
+had nothing more when it answered, so waiting could only add latency.
 """
 
 from __future__ import annotations
@@ -48,7 +51,12 @@ class Batcher(Generic[Item]):
         self._items: list[tuple[Item, int]] = []
         self._tokens = 0
         self._opened_at: float | None = None
+        self._closed_early = False
         self.max_messages, self.max_tokens, self.max_wait = policy.targets(0)
+
+    def close_now(self) -> None:
+        """Make what is open ready without waiting (the source has nothing more right now)."""
+        self._closed_early = bool(self._items)
 
     def adapt(self, lag: int) -> None:
         self.max_messages, self.max_tokens, self.max_wait = self.policy.targets(lag)
@@ -65,13 +73,15 @@ class Batcher(Generic[Item]):
     def ready(self, now: float) -> bool:
         if not self._items:
             return False
-        if len(self._items) >= self.max_messages or self._tokens >= self.max_tokens:
+        if self._closed_early or len(self._items) >= self.max_messages or self._tokens >= self.max_tokens:
             return True
         return self._opened_at is not None and now - self._opened_at >= self.max_wait
 
     def seconds_until_due(self, now: float) -> float | None:
         if not self._items or self._opened_at is None:
             return None
+        if self._closed_early:
+            return 0.0
         return max(0.0, self.max_wait - (now - self._opened_at))
 
     def take(self, now: float) -> list[Item]:
@@ -85,11 +95,13 @@ class Batcher(Generic[Item]):
         batch, self._items = self._items[:count], self._items[count:]
         self._tokens -= tokens
         self._opened_at = now if self._items else None
+        self._closed_early = self._closed_early and bool(self._items)  # the rest came with it
         return [item for item, _ in batch]
 
     def drain(self) -> list[Item]:
         items = [item for item, _ in self._items]
         self._items, self._tokens, self._opened_at = [], 0, None
+        self._closed_early = False
         return items
 
     def remove(self, predicate) -> list[Item]:
@@ -100,4 +112,5 @@ class Batcher(Generic[Item]):
         self._tokens = sum(t for _, t in kept)
         if not kept:
             self._opened_at = None
+            self._closed_early = False
         return removed

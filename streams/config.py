@@ -134,6 +134,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("buffer_max_bytes", 64 * 1024 * 1024, _positive_int, "Pause when this many bytes are buffered"),
     Option("memory_budget_bytes", 0, _non_negative_int, "Pause when RSS reaches 90% of this (0: off)"),
     Option("fetch_max_records", 500, _positive_int, "Most records per fetch call"),
+    Option("fetch_max_wait_ms", 10, _positive_int, "Longest a fetch waits at the broker for data (a latency floor on brokers that hold it)"),
     Option("max_message_bytes", 1_000_000, _positive_int, "Largest input message accepted"),
     Option("max_text_bytes", 100_000, _positive_int, "Largest text accepted (UTF-8 bytes)"),
     Option("commit_interval_ms", 500.0, _positive_float, "How often finished offsets are committed"),
@@ -185,6 +186,7 @@ class Settings:
     buffer_max_bytes: int
     memory_budget_bytes: int
     fetch_max_records: int
+    fetch_max_wait_ms: int
     max_message_bytes: int
     max_text_bytes: int
     commit_interval_ms: float

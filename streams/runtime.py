@@ -239,16 +239,26 @@ class Worker:
             self.batcher.adapt(sum(self._lag.values()))
             self._apply_flow()
             self._launch_ready(now)
-            due = self.batcher.seconds_until_due(now)
+            # With every pipeline slot busy a due batch cannot start here: `_batch_done`
+            # starts it the moment a slot frees. Polling with a ~0 timeout meanwhile
+            # spun the loop at ~1 kHz and took CPU from the model on small machines.
+            slot_free = len(self._batch_tasks) < self.settings.max_in_flight_batches
+            due = self.batcher.seconds_until_due(now) if slot_free else None
             timeout = _POLL_SECONDS if due is None else min(_POLL_SECONDS, due)
             # Called while paused too: it returns nothing for paused partitions but keeps
             # the consumer inside max_poll_interval, so the group never evicts us.
             records = await consumer.getmany(
                 timeout_ms=max(1, int(timeout * 1000)), max_records=self.settings.fetch_max_records
             )
+            caught_up = bool(records)
             for tp, messages in records.items():
                 for message in messages:
                     self._accept(tp, message)
+                highwater = consumer.highwater(tp)
+                if highwater is None or messages[-1].offset + 1 < highwater:
+                    caught_up = False
+            if caught_up and sum(map(len, records.values())) < self.settings.fetch_max_records:
+                self.batcher.close_now()
             self._launch_ready(time.monotonic())
 
     def _accept(self, tp: TopicPartition, message: Any) -> None:
@@ -289,6 +299,8 @@ class Worker:
         self.metrics.in_flight_batches.set(len(self._batch_tasks))
         if not task.cancelled() and task.exception() is not None:
             self._fail(task.exception())
+        elif not self._stop.is_set():
+            self._launch_ready(time.monotonic())  # the freed slot takes the next due batch now
 
     def _spawn_side(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)

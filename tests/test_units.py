@@ -177,6 +177,23 @@ def test_batch_closes_on_count_tokens_or_wait():
     assert batcher.take(1.0) == [5]
 
 
+def test_caught_up_batch_closes_without_waiting_and_only_the_open_one():
+    policy = BatchPolicy(min_messages=2, max_messages=2, min_tokens=100, max_tokens=100, min_wait_seconds=1.0, max_wait_seconds=1.0)
+    batcher: Batcher[int] = Batcher(policy)
+    batcher.close_now()  # nothing open: no effect on what comes later
+    batcher.add(1, 10, now=0.0)
+    assert not batcher.ready(0.0) and batcher.seconds_until_due(0.0) == 1.0
+    batcher.add(2, 10, now=0.0)
+    batcher.add(3, 10, now=0.0)
+    batcher.close_now()
+    assert batcher.ready(0.0) and batcher.seconds_until_due(0.0) == 0.0
+    assert batcher.take(0.0) == [1, 2]  # the count limit still holds
+    assert batcher.ready(0.0)  # the rest arrived with them: still due
+    assert batcher.take(0.0) == [3]
+    batcher.add(4, 10, now=0.5)
+    assert not batcher.ready(0.5)  # a new batch waits again
+
+
 def test_adaptive_policy_favours_latency_at_low_lag_and_throughput_at_high_lag():
     policy = BatchPolicy(min_messages=16, max_messages=256, min_tokens=1000, max_tokens=9000, min_wait_seconds=0.005, max_wait_seconds=0.2, low_lag=100, high_lag=1100)
     assert policy.targets(0) == (16, 1000, 0.005)
