@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from processors.cache import decode_vector, encode_vector
+from processors import torch_thread
 from processors.embedder import estimate_tokens, plan_sub_batches
 from schemas import (
     POINT_NAMESPACE,
@@ -155,6 +156,26 @@ def test_sub_batches_keep_long_texts_away_from_short_ones():
 
 def test_token_estimate_grows_with_length():
     assert estimate_tokens("a" * 400) > estimate_tokens("a" * 40) > 0
+
+
+# ---- the torch thread ----------------------------------------------------------------------
+
+
+def test_torch_work_from_any_thread_runs_on_one_thread_and_nested_calls_do_not_deadlock():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    def where() -> int:
+        return threading.get_ident()
+
+    def nested() -> tuple[int, int]:
+        return threading.get_ident(), torch_thread.run(where)
+
+    with ThreadPoolExecutor(max_workers=4) as callers:
+        idents = set(callers.map(lambda _: torch_thread.run(where), range(16)))
+    outer, inner = torch_thread.run(nested)
+    assert len(idents) == 1 and idents == {outer} == {inner}
+    assert outer != threading.get_ident()
 
 
 # ---- batching ------------------------------------------------------------------------------
