@@ -52,8 +52,23 @@ def worker_env(settings: Settings, store: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+_workers: list[subprocess.Popen] = []
+
+
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([EMBEDWORKER, "run"], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen([EMBEDWORKER, "run"], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    _workers.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_outlives_its_test():
+    yield
+    while _workers:
+        process = _workers.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def open_store(settings: Settings, store: Path):
