@@ -508,18 +508,35 @@ async def produce_backlog(settings: Any, values: Sequence[bytes]) -> None:
 
 
 class WorkerParts:
-    """Sink (embedded Qdrant, in memory) and cache (Redis, own prefix) for one worker run."""
+    """Sink and cache (Redis, own prefix) for one worker run.
+
+    The sink is the worker's default embedded store, qdrant-edge with its write-ahead log,
+    in a fresh directory; `EMBEDWORKER_BENCH_SINK=memory` uses qdrant-client's in-memory
+    engine instead (the store of runs before 2026-11-22 09:40 UTC).
+    """
 
     def __init__(self, ctx: Context, settings: Any) -> None:
+        import tempfile
+
         from processors.cache import RedisCache
+        from processors.edge_sink import EdgeSink
         from processors.sink import QdrantSink
 
-        self.sink = QdrantSink(collection=settings.collection)
+        self._directory: str | None = None
+        if os.environ.get("EMBEDWORKER_BENCH_SINK", "edge") == "memory":
+            self.sink: Any = QdrantSink(collection=settings.collection)
+        else:
+            self._directory = tempfile.mkdtemp(prefix="embedworker-bench-")
+            self.sink = EdgeSink(collection=settings.collection, path=self._directory)
         self.cache = RedisCache(url=ctx.redis.url, prefix=f"bench:{settings.collection}:")
 
     async def close(self) -> None:
+        import shutil
+
         await self.cache.close()
         await self.sink.close()
+        if self._directory:
+            shutil.rmtree(self._directory, ignore_errors=True)
 
 
 def _metric(metrics: Any, name: str) -> float:

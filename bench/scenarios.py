@@ -165,7 +165,7 @@ async def pipeline(ctx: Context) -> dict[str, Any]:
                       "(stats.processed = N); ceiling (model.encode bs=32) measured right before each run on the same texts; "
                       "replay = the worker's recorded embed calls (same batches) run again through embedder.embed alone",
             "sets": {kind: token_stats(ctx, texts) for kind, texts in sets.items()},
-            "settings": "defaults (streams.config), Redis cache with a fresh prefix, Qdrant embedded engine in memory",
+            "settings": "defaults (streams.config), Redis cache with a fresh prefix, the default embedded Qdrant engine (qdrant-edge, write-ahead log) in a fresh directory",
             "threads": "ceiling, replay and the Worker all run torch on the process's one torch thread "
                        "(processors.torch_thread), so one OpenMP pool exists (native_threads_before in each run)",
         },
