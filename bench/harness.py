@@ -2,7 +2,7 @@
 
 One broker (Tansu, `LocalBroker`), one `redis-server` (`LocalRedis`) and one loaded
 model serve the whole run; every measured worker run gets topics, a consumer group, a
-Qdrant collection (embedded engine, in memory) and a Redis key prefix of its own, so no
+Qdrant store (qdrant-edge, fresh directory) and a Redis key prefix of its own, so no
 run sees another run's cache entries or offsets.
 """
 
