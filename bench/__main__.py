@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (passed to SentenceTransformerEmbedder)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch CPU threads for every scenario (default 0: one per core; 1 leaves a core to the rest)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition (smoke test; numbers not representative)")
     parser.add_argument("--scenarios", default=",".join(ORDER), help=f"comma-separated subset of: {', '.join(ORDER)}")
     parser.add_argument("--repeat", type=int, default=None, help="repetitions per scenario, medians reported (default 3; 1 with --quick)")
@@ -60,7 +62,7 @@ async def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("bench")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(device=args.device, quick=args.quick, repeat=args.repeat, out=out)
+    ctx = Context(device=args.device, quick=args.quick, repeat=args.repeat, out=out, torch_threads=args.torch_threads)
     ctx.noise_budget_seconds = args.noise_budget if args.noise_budget is not None else (0.0 if args.quick else 420.0)
     started = time.monotonic()
     log.info("starting broker, redis, model (device %s)", args.device)

@@ -259,6 +259,7 @@ class Context:
     quick: bool
     repeat: int
     out: Any
+    torch_threads: int = 0
     embedder: Any = None
     broker: Any = None
     redis: Any = None
@@ -325,7 +326,7 @@ class Context:
 
         self.broker = self._stack.enter_context(LocalBroker())
         self.redis = self._stack.enter_context(LocalRedis())
-        self.embedder = SentenceTransformerEmbedder(device=self.device)  # loads on the torch thread
+        self.embedder = SentenceTransformerEmbedder(device=self.device, threads=self.torch_threads or None)  # on the torch thread
         self.machine = machine_info(self.embedder.device)
         on_torch_thread(warm_model, self.embedder)
         self.machine["native_threads_idle"] = native_threads()

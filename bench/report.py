@@ -66,7 +66,7 @@ def markdown_table(results: dict[str, dict[str, Any]], machine: dict[str, Any]) 
     quick = any(r.get("quick") for r in results.values())
     lines = [
         f"Benchmarks (`make bench`), {when[:10]}: {machine.get('cpu_model', '?')}, {machine.get('cores_logical', '?')} cores, "
-        f"device {machine.get('device', '?')}, torch {machine.get('torch', '?')}"
+        f"device {machine.get('device', '?')}, torch {machine.get('torch', '?')} on {machine.get('torch_threads', '?')} threads"
         + (" (quick run: tiny sizes, not representative)" if quick else "")
         + ". Shared, noisy machine: ratios are paired per repetition, medians of "
         + f"{max((r.get('repeat', 1) for r in results.values()), default=1)} repetitions.",

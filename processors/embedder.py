@@ -136,8 +136,12 @@ def plan_sub_batches(
     return batches
 
 
-def _load_model(path: str, device: str):  # -> SentenceTransformer
+def _load_model(path: str, device: str, threads: int | None = None):  # -> SentenceTransformer
+    import torch
     from sentence_transformers import SentenceTransformer
+
+    if threads:
+        torch.set_num_threads(threads)
 
     model = SentenceTransformer(path, device=device)
     if device.startswith("cuda"):
@@ -154,6 +158,8 @@ class SentenceTransformerEmbedder:
     - `sub_batch_tokens`: padded-token budget of one forward pass (default 8192 on CPU,
       where large padded batches are slower; 65536 on CUDA).
     - `max_sub_batch`: most texts in one forward pass (default 128 on CPU, 512 on CUDA).
+    - `threads`: torch's CPU threads (default None: one per core). Several workers on one
+      host, or a core left to the broker and the event loop, want fewer.
     """
 
     def __init__(
@@ -163,6 +169,7 @@ class SentenceTransformerEmbedder:
         device: str = "auto",
         sub_batch_tokens: int | None = None,
         max_sub_batch: int | None = None,
+        threads: int | None = None,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -170,7 +177,7 @@ class SentenceTransformerEmbedder:
         self.device = select_device(device)
         self.name = model
         path = resolve_model_path(model)
-        self._model = torch_thread.run(_load_model, path, self.device)
+        self._model = torch_thread.run(_load_model, path, self.device, threads)
         self.version = model_version(path)
         """Content hash of the model's files (None for a model not loaded from a directory)."""
         self.dim = int(self._model.get_embedding_dimension())

@@ -119,6 +119,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("store_text", True, _bool, "Keep the text in the point payload"),
     Option("model", "all-MiniLM-L6-v2", _nonempty, "Model name or path (default: the bundled all-MiniLM-L6-v2)"),
     Option("device", "auto", _nonempty, "auto, cpu, cuda, cuda:N or mps"),
+    Option("torch_threads", 0, _non_negative_int, "torch CPU threads (0: one per core)"),
     Option("metrics_port", 9108, _port, "Port of /metrics (0: off)"),
     Option("metrics_host", "127.0.0.1", _nonempty, "Address /metrics binds to"),
     Option("batch_min_messages", 64, _positive_int, "Batch size limit at low lag"),
@@ -186,6 +187,7 @@ class Settings:
     buffer_max_bytes: int
     memory_budget_bytes: int
     fetch_max_records: int
+    torch_threads: int
     fetch_max_wait_ms: int
     max_message_bytes: int
     max_text_bytes: int

@@ -13,7 +13,7 @@ from streams.metrics import Metrics
 
 
 def build_embedder(settings: Settings) -> SentenceTransformerEmbedder:
-    return SentenceTransformerEmbedder(model=settings.model, device=settings.device)
+    return SentenceTransformerEmbedder(model=settings.model, device=settings.device, threads=settings.torch_threads or None)
 
 
 def build_sink(settings: Settings, collection: str | None = None) -> QdrantSink | EdgeSink:
