@@ -120,24 +120,30 @@ async def _run_worker(settings: Settings) -> int:
         except OSError as exc:
             raise UserError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}") from None
     loop = asyncio.get_running_loop()
-    embedder = await loop.run_in_executor(None, build_embedder, settings)  # off the loop: seconds of work
-    if not settings.qdrant_url and not settings.qdrant_path:
-        log.warning("no EMBEDWORKER_QDRANT_URL or EMBEDWORKER_QDRANT_PATH: vectors are kept in memory only")
-    sink, cache = build_sink(settings), build_cache(settings, metrics)
-    worker = Worker(settings, embedder=embedder, sink=sink, cache=cache, metrics=metrics)
-
+    # Handlers first: a SIGTERM while the model loads (seconds) is a clean stop, not a kill.
     signals = {"count": 0}
+    workers: list[Worker] = []
 
     def on_signal() -> None:
         signals["count"] += 1
         if signals["count"] == 1:
             log.info("stopping: draining in-flight batches (signal again to exit at once)")
-            worker.request_stop()
+            for worker in workers:
+                worker.request_stop()
         else:
             os._exit(130)  # replay covers whatever was not committed
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    log.info("loading model %s on %s", settings.model, settings.device)
+    embedder = await loop.run_in_executor(None, build_embedder, settings)  # off the loop: seconds of work
+    if not settings.qdrant_url and not settings.qdrant_path:
+        log.warning("no EMBEDWORKER_QDRANT_URL or EMBEDWORKER_QDRANT_PATH: vectors are kept in memory only")
+    sink, cache = build_sink(settings), build_cache(settings, metrics)
+    worker = Worker(settings, embedder=embedder, sink=sink, cache=cache, metrics=metrics)
+    workers.append(worker)
+    if signals["count"]:
+        worker.request_stop()  # asked to stop while starting: run() commits nothing and returns
     try:
         await worker.run()
     except (SinkConfigError, WorkerError) as exc:
