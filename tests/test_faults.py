@@ -114,8 +114,12 @@ async def test_crash_loop_with_sigkill_loses_nothing(services, embedder, tmp_pat
         killed += 1
         progress.append(sum((await committed_offsets(settings, 4)).values()))
 
+    starts = log.read_text().count("loading model")
     process = start_worker(env, log)
     try:
+        # Its signal handlers must be in place before the SIGTERM below (the kills may have
+        # finished the backlog already): they are once it logs "loading model".
+        await wait_until(lambda: log.read_text().count("loading model") > starts, timeout=60, what="the final worker to start")
         await wait_until(lambda: _committed_sync(settings) >= total, timeout=600, what="the final worker to finish", interval=0.5)
     finally:
         process.send_signal(signal.SIGTERM)
