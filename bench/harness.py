@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 import psutil
 
-from processors import torch_thread
+from processors.torch_thread import run as on_torch_thread  # every direct model call: one OpenMP pool
 
 log = logging.getLogger("bench")
 
@@ -186,18 +186,7 @@ class RssSampler:
         return self.peak_rss - self.start_rss
 
 
-# ---- where torch runs ----------------------------------------------------------------------------
-
-
-def on_torch_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run `function` on the process's one torch thread (`processors.torch_thread`).
-
-    Every direct use of the model in the benchmark goes through here, as every use in the
-    worker does: a second thread that has run torch keeps a second OpenMP pool alive, and
-    libgomp then puts idle workers to sleep between the hundreds of parallel regions of a
-    forward pass. Measured here: the Worker embedded 8-15% slower beside such a pool.
-    """
-    return torch_thread.run(function, *args, **kwargs)
+# ---- threads ------------------------------------------------------------------------------------
 
 
 def native_threads() -> int:
@@ -356,10 +345,6 @@ def _encode_ceiling(embedder: Any, texts: Sequence[str], batch_size: int) -> dic
 
 
 def embed_ours(embedder: Any, texts: Sequence[str]) -> dict[str, float]:
-    return on_torch_thread(_embed_ours, embedder, texts)
-
-
-def _embed_ours(embedder: Any, texts: Sequence[str]) -> dict[str, float]:
     with CpuMeter() as cpu:
         started = time.perf_counter()
         embedder.embed(list(texts))
@@ -421,10 +406,6 @@ class TimedEmbedder:
 
 def replay_embed_calls(embedder: Any, calls: Sequence[tuple[float, float, list[str]]]) -> dict[str, float]:
     """The worker's embed calls again, alone: what the model does with the worker's batches."""
-    return on_torch_thread(_replay_embed_calls, embedder, calls)
-
-
-def _replay_embed_calls(embedder: Any, calls: Sequence[tuple[float, float, list[str]]]) -> dict[str, float]:
     texts = sum(len(c[2]) for c in calls)
     with CpuMeter() as cpu:
         started = time.perf_counter()

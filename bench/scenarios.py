@@ -31,7 +31,6 @@ from bench.harness import (
     load_average,
     median,
     mixed_texts,
-    native_threads,
     new_settings,
     on_torch_thread,
     percentile,
