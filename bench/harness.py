@@ -370,7 +370,7 @@ def fixed_count_embedder(base: Any, batch_size: int = 256) -> Any:
             self.__dict__.update(base.__dict__)
             self.fixed_batch = batch_size
 
-        def embed(self, texts: Sequence[str]) -> Embeddings:
+        def embed(self, texts: Sequence[str], token_counts: Sequence[int] | None = None) -> Embeddings:
             if not texts:
                 return Embeddings(np.zeros((0, self.dim), dtype=np.float32), [])
             counts = self.count_tokens(texts)  # same truncation flags as the real embedder
@@ -397,9 +397,9 @@ class TimedEmbedder:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.base, name)
 
-    def embed(self, texts: Sequence[str]) -> Any:
+    def embed(self, texts: Sequence[str], token_counts: Sequence[int] | None = None) -> Any:
         started = time.perf_counter()
-        result = self.base.embed(texts)
+        result = self.base.embed(texts, token_counts)
         self.calls.append((started, time.perf_counter(), list(texts)))
         return result
 

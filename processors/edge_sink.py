@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from processors.sink import Hit, Point, SinkConfigError
+from processors.sink import PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredPoint
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,8 @@ class EdgeSink:
         return await self._call(size)
 
     async def ensure_collection(self, dim: int) -> None:
+        import qdrant_edge as qe
+
         def ensure() -> None:
             size = self._shared.dims.get(self.collection)
             if size is None:
@@ -184,7 +186,13 @@ class EdgeSink:
                     f"collection {self.collection!r} has vectors of size {size}, the model gives {dim}; "
                     "use another EMBEDWORKER_COLLECTION or re-embed"
                 )
-            self._open(create_dim=dim)
+            shard = self._open(create_dim=dim)
+            # Idempotent (a no-op when present); deletes and chunk replacement filter on these.
+            kinds = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer}
+            known = shard.info().payload_schema or {}
+            for field_name, kind in PAYLOAD_INDEXES.items():
+                if field_name not in known:
+                    shard.update(qe.UpdateOperation.create_field_index(field_name, kinds[kind]))
 
         await self._call(ensure)
 
@@ -201,6 +209,49 @@ class EdgeSink:
             self._maybe_flush(shard)
 
         await self._call(upsert)
+
+    async def write(self, writes: Sequence[DocumentWrite]) -> None:
+        import qdrant_edge as qe
+
+        if not writes:
+            return
+
+        def clause(w: DocumentWrite) -> Any:
+            same_id = qe.FieldCondition(key="id", match=qe.MatchValue(w.doc_id))
+            if not w.points:
+                return qe.Filter(must=[same_id])
+            return qe.Filter(must=[same_id, qe.FieldCondition(key="chunk_index", range=qe.RangeFloat(gte=len(w.points)))])
+
+        def write() -> None:
+            shard = self._open()
+            structs = [qe.Point(p.id, np.asarray(p.vector, dtype=np.float32).tolist(), p.payload) for w in writes for p in w.points]
+            # Upsert first, then drop the surplus: a crash in between leaves it for the replay.
+            if structs:
+                shard.update(qe.UpdateOperation.upsert_points(structs))
+            # Never an empty `should`: an empty filter matches every point.
+            shard.update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(should=[clause(w) for w in writes])))
+            self._maybe_flush(shard)
+
+        await self._call(write)
+
+    async def points(self, *, with_vectors: bool = True) -> list[StoredPoint]:
+        import qdrant_edge as qe
+
+        def scroll() -> list[StoredPoint]:
+            shard = self._open()
+            found: list[StoredPoint] = []
+            offset = None
+            while True:
+                records, offset = shard.scroll(
+                    qe.ScrollRequest(offset=offset, limit=1000, with_payload=True, with_vector=with_vectors)
+                )
+                for r in records:
+                    vector = np.asarray(r.vector, dtype=np.float32) if with_vectors and r.vector is not None else None
+                    found.append(StoredPoint(id=str(r.id), vector=vector, payload=dict(r.payload or {})))
+                if offset is None:
+                    return found
+
+        return await self._call(scroll)
 
     def _maybe_flush(self, shard: Any) -> None:
         shared = self._shared

@@ -38,9 +38,11 @@ class Embedder(Protocol):
     device: str
     max_tokens: int
 
-    def embed(self, texts: Sequence[str]) -> Embeddings: ...
+    def embed(self, texts: Sequence[str], token_counts: Sequence[int] | None = None) -> Embeddings: ...
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
+    def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]: ...
 
     def estimate_tokens(self, text: str) -> int: ...
 
@@ -186,6 +188,7 @@ class SentenceTransformerEmbedder:
         self.sub_batch_tokens = sub_batch_tokens or (65536 if on_gpu else 8192)
         self.max_sub_batch = max_sub_batch or (512 if on_gpu else 128)
         self._tokenizer = self._model.tokenizer
+        self.special_tokens = int(self._tokenizer.num_special_tokens_to_add(pair=False))
         log.info("model %s (%s) loaded on %s (dim %d, max %d tokens)", model, self.version, self.device, self.dim, self.max_tokens)
 
     def estimate_tokens(self, text: str) -> int:
@@ -196,13 +199,21 @@ class SentenceTransformerEmbedder:
         encoded = self._tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
-    def embed(self, texts: Sequence[str]) -> Embeddings:
-        return torch_thread.run(self._embed, texts)
+    def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """Character spans of each text's content tokens (no special tokens, no truncation)."""
+        encoded = self._tokenizer(
+            list(texts), add_special_tokens=False, truncation=False, return_offsets_mapping=True, verbose=False
+        )
+        return [[(int(a), int(b)) for a, b in spans] for spans in encoded["offset_mapping"]]
 
-    def _embed(self, texts: Sequence[str]) -> Embeddings:
+    def embed(self, texts: Sequence[str], token_counts: Sequence[int] | None = None) -> Embeddings:
+        """Vectors of `texts`; `token_counts` (with special tokens), when the caller has them, spare a tokenization."""
+        return torch_thread.run(self._embed, texts, token_counts)
+
+    def _embed(self, texts: Sequence[str], token_counts: Sequence[int] | None = None) -> Embeddings:
         if not texts:
             return Embeddings(np.zeros((0, self.dim), dtype=np.float32), [])
-        counts = self.count_tokens(texts)
+        counts = list(token_counts) if token_counts is not None else self.count_tokens(texts)
         truncated = [count > self.max_tokens for count in counts]
         clipped = [min(count, self.max_tokens) for count in counts]
         vectors = np.empty((len(texts), self.dim), dtype=np.float32)

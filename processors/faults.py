@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from processors.embedder import Embedder, Embeddings
-from processors.sink import Hit, Point, VectorSink
+from processors.sink import DocumentWrite, Hit, Point, VectorSink
 
 
 class InjectedFault(Exception):
@@ -39,6 +39,13 @@ class FailingSink:
             raise InjectedFault("injected upsert failure")
         await self.inner.upsert(points)
 
+    async def write(self, writes: Sequence[DocumentWrite]) -> None:
+        if self.failing or self.fail_next > 0:
+            self.fail_next = max(0, self.fail_next - 1)
+            self.failed_calls += 1
+            raise InjectedFault("injected write failure")
+        await self.inner.write(writes)
+
     async def count(self) -> int:
         return await self.inner.count()
 
@@ -62,16 +69,52 @@ class PoisonEmbedder:
         self.calls = 0
         self.name, self.dim, self.device, self.max_tokens = inner.name, inner.dim, inner.device, inner.max_tokens
 
-    def embed(self, texts: Sequence[str]) -> Embeddings:
+    def embed(self, texts: Sequence[str], token_counts: Sequence[int] | None = None) -> Embeddings:
         self.calls += 1
         if self.calls <= self.fail_first_calls:
             raise InjectedFault("injected transient model failure")
         if any(self.marker in text for text in texts):
             raise InjectedFault("injected model failure on a poison text")
-        return self.inner.embed(texts)
+        return self.inner.embed(texts, token_counts)
+
+    def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        return self.inner.token_offsets(texts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return self.inner.count_tokens(texts)
 
     def estimate_tokens(self, text: str) -> int:
         return self.inner.estimate_tokens(text)
+
+
+class SlowCache:
+    """Wraps a real cache; every call first waits a random time (seeded), so batches race."""
+
+    def __init__(self, inner: Any, *, max_delay_seconds: float = 0.02, seed: int = 0) -> None:
+        import random
+
+        self.inner = inner
+        self.max_delay_seconds = max_delay_seconds
+        self._random = random.Random(seed)
+
+    async def _delay(self) -> None:
+        import asyncio
+
+        await asyncio.sleep(self._random.uniform(0, self.max_delay_seconds))  # injected latency, not synchronization
+
+    async def get_many(self, hashes: Sequence[str], dim: int) -> list[np.ndarray | None]:
+        await self._delay()
+        return await self.inner.get_many(hashes, dim)
+
+    async def set_many(self, items: Sequence[tuple[str, np.ndarray]]) -> None:
+        await self._delay()
+        await self.inner.set_many(items)
+
+    async def healthy(self) -> bool:
+        return await self.inner.healthy()
+
+    async def close(self) -> None:
+        await self.inner.close()

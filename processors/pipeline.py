@@ -1,15 +1,21 @@
-"""One batch through the pipeline: dedupe, cache lookup, embed misses, cache fill, upsert.
+"""One batch through the pipeline: chunk, dedupe, cache lookup, embed misses, cache fill, write.
 
-No Kafka here: the runtime hands in decoded events and gets back one `Outcome` per event,
-each built from what the stages actually did (`cached`, `truncated`), or an error for a
-text the model cannot embed (a poison text, isolated by splitting the batch).
+Owns: turning a batch of document writes (upserts and deletes) into store writes and one
+`Outcome` per event, each built from what the stages actually did (`cached`, `truncated`,
+`chunks`), or an error for a text the model cannot embed (a poison text, isolated by
+splitting the batch). Must not: know Kafka (partitions, offsets, publishing).
+
+Order: a batch writes in its `Turn` (see `processors.ordering`), taken when it is launched,
+so for every id the store ends with its last event in launch (offset) order, whatever
+finishes first. Within a batch, the last event of an id is the one written. A document's
+write replaces its whole chunk set (upsert chunks 0..n-1, delete chunks >= n); a delete is
+the same write with n = 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,10 +23,18 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from processors.backoff import Backoff
 from processors.cache import NullCache, VectorCache
+from processors.chunking import Chunk, plan_chunks
 from processors.embedder import Embedder
-from processors.sink import Point, VectorSink
-from schemas import InputEvent, ResultEvent, content_hash, point_id
+from processors.ordering import Sequencer, Turn
+from processors.sink import DocumentWrite, Point, VectorSink
+from schemas import DeleteResult, InputEvent, ResultEvent, content_hash, normalize_text, point_id
+
+__all__ = ["Backoff", "LONG_TEXT_CHUNK", "LONG_TEXT_TRUNCATE", "Outcome", "Pipeline", "PipelineHooks"]
+
+LONG_TEXT_CHUNK = "chunk"
+LONG_TEXT_TRUNCATE = "truncate"
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +42,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Outcome:
     event: InputEvent
-    result: ResultEvent | None = None
+    result: ResultEvent | DeleteResult | None = None
     error_kind: str | None = None
     error_message: str | None = None
 
@@ -44,17 +58,6 @@ class PipelineHooks:
     on_sink_state: Callable[[bool], None] = lambda healthy: None
 
 
-class Backoff:
-    """Exponential backoff with full jitter, capped."""
-
-    def __init__(self, *, base_seconds: float = 0.1, cap_seconds: float = 10.0) -> None:
-        self.base = base_seconds
-        self.cap = cap_seconds
-
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.cap, self.base * 2**attempt))
-
-
 class Pipeline:
     """The embedding pipeline for one batch at a time, several batches concurrently.
 
@@ -62,8 +65,11 @@ class Pipeline:
     - `embedder`, `cache` (default: none), `sink`.
     - `store_text`: keep the text in the point payload (default True).
     - `embed_attempts`: tries of a whole batch before it is split to find a poison text (2).
-    - `sink_backoff`: retry policy of upserts; upserts retry until they succeed or the
-      batch is cancelled, because an unsunk batch must never be committed.
+    - `sink_backoff`: retry policy of writes; writes retry until they succeed, the batch is
+      cancelled or its events are fenced, because an unwritten batch must never be committed.
+    - `long_text`: `chunk` (default: a text over the model's limit becomes several points)
+      or `truncate` (one point of its first `max_tokens` tokens, `truncated: true`).
+    - `chunk_overlap_tokens`: tokens a chunk repeats from the end of the previous one (32).
     """
 
     def __init__(
@@ -76,7 +82,11 @@ class Pipeline:
         embed_attempts: int = 2,
         sink_backoff: Backoff | None = None,
         hooks: PipelineHooks | None = None,
+        long_text: str = LONG_TEXT_CHUNK,
+        chunk_overlap_tokens: int = 32,
     ) -> None:
+        if long_text not in (LONG_TEXT_CHUNK, LONG_TEXT_TRUNCATE):
+            raise ValueError(f"long_text must be {LONG_TEXT_CHUNK} or {LONG_TEXT_TRUNCATE}, not {long_text!r}")
         self.embedder = embedder
         self.sink = sink
         self.cache: VectorCache = cache or NullCache()
@@ -87,8 +97,15 @@ class Pipeline:
         # One thread: the model is not shared between concurrent forward passes, and torch
         # already spreads one pass over the cores.
         self._embed_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self._previous_upsert: asyncio.Future[None] | None = None
         self._in_flight: dict[str, asyncio.Future[Any]] = {}
+        self.long_text = long_text
+        self.chunk_overlap_tokens = chunk_overlap_tokens
+        self.writes = Sequencer()
+        self._writing: asyncio.Future[None] | None = None
+        self._special_tokens = int(getattr(embedder, "special_tokens", 2))
+        # Keyed by the weights, not only the name: new weights under the same name miss.
+        self._version = getattr(embedder, "version", None)
+        self._cache_model = f"{embedder.name}@{self._version}" if self._version else embedder.name
 
     async def start(self) -> None:
         await self.sink.ensure_collection(self.embedder.dim)
@@ -97,21 +114,17 @@ class Pipeline:
         """Release the model thread; the cache and sink belong to whoever built them."""
         self._embed_executor.shutdown(wait=True, cancel_futures=True)
 
-    async def _run_embed(self, texts: Sequence[str]):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._embed_executor, self.embedder.embed, list(texts))
-
     async def _embed_isolating_poison(
-        self, texts: Sequence[str]
-    ) -> tuple[list[np.ndarray | None], list[bool], list[str | None]]:
-        """Vectors, truncation flags and per-text error messages (None where embedded)."""
+        self, texts: Sequence[str], token_counts: Sequence[int] | None = None
+    ) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """Vectors and per-text error messages (None where embedded)."""
         last_error: Exception | None = None
         for _ in range(self.embed_attempts):
             try:
                 started = time.perf_counter()
-                result = await self._run_embed(texts)
+                result = await self._on_model_thread(self.embedder.embed, list(texts), token_counts)
                 self.hooks.on_embed(len(texts), time.perf_counter() - started)
-                return list(result.vectors), list(result.truncated), [None] * len(texts)
+                return list(result.vectors), [None] * len(texts)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the model's failure is data about this batch
@@ -119,70 +132,91 @@ class Pipeline:
         if len(texts) == 1:
             message = f"{type(last_error).__name__}: {last_error}"[:500]
             log.warning("text could not be embedded after %d attempts: %s", self.embed_attempts, message)
-            return [None], [False], [message]
+            return [None], [message]
         middle = len(texts) // 2
-        left = await self._embed_isolating_poison(texts[:middle])
-        right = await self._embed_isolating_poison(texts[middle:])
-        return left[0] + right[0], left[1] + right[1], left[2] + right[2]
+        left_counts = None if token_counts is None else token_counts[:middle]
+        right_counts = None if token_counts is None else token_counts[middle:]
+        left = await self._embed_isolating_poison(texts[:middle], left_counts)
+        right = await self._embed_isolating_poison(texts[middle:], right_counts)
+        return left[0] + right[0], left[1] + right[1]
 
-    async def _truncated_for_cached(self, texts: Sequence[str]) -> list[bool]:
-        """Exact truncation flags for cache hits; only texts long enough to matter are tokenized."""
-        limit = self.embedder.max_tokens
-        flags = [False] * len(texts)
-        # A WordPiece token covers at least one character, so shorter texts cannot overflow.
-        long_indices = [i for i, text in enumerate(texts) if len(text) > limit - 2]
-        if long_indices:
-            loop = asyncio.get_running_loop()
-            counts = await loop.run_in_executor(
-                self._embed_executor, self.embedder.count_tokens, [texts[i] for i in long_indices]
-            )
-            for index, count in zip(long_indices, counts):
-                flags[index] = count > limit
-        return flags
+    def take_turn(self) -> Turn:
+        """This batch's place in the write order; take it when the batch is launched."""
+        return self.writes.take()
 
-    async def _upsert_in_order(self, points: list[Point]) -> None:
-        """Upsert after every earlier batch's upsert, retrying with backoff until it lands."""
-        loop = asyncio.get_running_loop()
-        previous, mine = self._previous_upsert, loop.create_future()
-        self._previous_upsert = mine
+    async def settle(self, timeout: float | None = None) -> bool:
+        """Wait for a store write already sent (it cannot be called back); True when none is left."""
+        writing = self._writing
+        if writing is None or writing.done():
+            return True
+        done, _ = await asyncio.wait([writing], timeout=timeout)
+        return bool(done)
+
+    async def process(
+        self,
+        events: Sequence[InputEvent],
+        *,
+        turn: Turn | None = None,
+        live: Callable[[int], bool] | None = None,
+    ) -> list[Outcome]:
+        """One outcome per event; the batch's writes land after those of every earlier turn.
+
+        `turn`: taken at launch (`take_turn`); None takes one now. `live(i)`: whether event i
+        may still be written (False once its partition is revoked); checked before each write
+        attempt, so a fenced event is never written, and the caller must not publish for it.
+        """
+        turn = turn if turn is not None else self.writes.take()
         try:
-            if previous is not None:
-                await asyncio.shield(previous)
-            attempt = 0
-            while True:
-                try:
-                    started = time.perf_counter()
-                    await self.sink.upsert(points)
-                    self.hooks.on_upsert(len(points), time.perf_counter() - started)
-                    self.hooks.on_sink_state(True)
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self.hooks.on_sink_error()
-                    self.hooks.on_sink_state(False)
-                    delay = self.sink_backoff.delay(attempt)
-                    log.warning("upsert of %d points failed (%s); retry in %.2fs", len(points), exc, delay)
-                    attempt += 1
-                    await asyncio.sleep(delay)
+            prepared = await self._prepare(events)
+            async with turn:
+                await self._write(events, prepared, live)
         finally:
-            if not mine.done():
-                mine.set_result(None)
+            turn.end()
+        return self._outcomes(events, prepared)
 
-    async def process(self, events: Sequence[InputEvent]) -> list[Outcome]:
-        model, dim = self.embedder.name, self.embedder.dim
-        # Keyed by the weights, not only the name: new weights under the same name miss.
-        version = getattr(self.embedder, "version", None)
-        cache_model = f"{model}@{version}" if version else model
-        hashes = [content_hash(cache_model, event.text) for event in events]
+    async def _on_model_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._embed_executor, function, *args)
+
+    async def _split(self, texts: dict[int, str]) -> tuple[dict[int, list[Chunk]], dict[int, bool]]:
+        """Each text's chunks (one unless chunking a long text) and truncation flags.
+
+        Only texts long enough to overflow are tokenized: a WordPiece token covers at least
+        one character, so a text of at most `limit` characters fits.
+        """
+        limit = self.embedder.max_tokens - self._special_tokens
+        chunks = {i: [Chunk(text=t, start=0, end=len(t), tokens=-1)] for i, t in texts.items()}
+        truncated = dict.fromkeys(texts, False)
+        long = [i for i, t in texts.items() if len(t) > limit]
+        if long:
+            offsets = await self._on_model_thread(self.embedder.token_offsets, [texts[i] for i in long])
+            for i, spans in zip(long, offsets):
+                if self.long_text == LONG_TEXT_CHUNK:
+                    chunks[i] = plan_chunks(texts[i], spans, max_tokens=limit, overlap_tokens=self.chunk_overlap_tokens)
+                else:
+                    chunks[i] = [Chunk(text=texts[i], start=0, end=len(texts[i]), tokens=min(len(spans), limit))]
+                    truncated[i] = len(spans) > limit
+        return chunks, truncated
+
+    async def _prepare(self, events: Sequence[InputEvent]) -> "_Prepared":
+        dim = self.embedder.dim
+        cache_model = self._cache_model
+        texts = {i: normalize_text(e.text) for i, e in enumerate(events) if not e.is_delete}
+        chunks, truncated = await self._split(texts)
+        # One unit per chunk; the cache and the dedupe work on units.
+        unit_hashes = {i: [content_hash(cache_model, c.text) for c in cs] for i, cs in chunks.items()}
+        unit_text: dict[str, str] = {}
+        unit_tokens: dict[str, int] = {}
+        for i, cs in chunks.items():
+            for digest, chunk in zip(unit_hashes[i], cs):
+                if digest not in unit_text:
+                    unit_text[digest] = chunk.text
+                    unit_tokens[digest] = chunk.tokens
+        unique = list(unit_text)
 
         # Dedupe: one vector per distinct content, embedded at most once, also across the
         # batches in flight: a text another batch is already looking up or embedding is
         # awaited from it rather than embedded again.
-        first_index: dict[str, int] = {}
-        for index, digest in enumerate(hashes):
-            first_index.setdefault(digest, index)
-        unique = list(first_index)
         loop = asyncio.get_running_loop()
         theirs = {d: self._in_flight[d] for d in unique if d in self._in_flight}
         mine = [d for d in unique if d not in theirs]
@@ -190,78 +224,119 @@ class Pipeline:
             self._in_flight[digest] = loop.create_future()
 
         vectors: dict[str, np.ndarray] = {}
-        truncated: dict[str, bool] = {}
         errors: dict[str, str] = {}
         from_cache: set[str] = set()
+        misses: list[str] = []
         try:
             cached_vectors = await self.cache.get_many(mine, dim)
-            misses: list[str] = []
             for digest, vector in zip(mine, cached_vectors):
                 if vector is None:
                     misses.append(digest)
                 else:
                     vectors[digest] = vector
                     from_cache.add(digest)
-            if from_cache:
-                hit_list = list(from_cache)
-                flags = await self._truncated_for_cached([events[first_index[d]].text for d in hit_list])
-                truncated.update(zip(hit_list, flags))
             for digest, future in theirs.items():
                 known = await asyncio.shield(future)
                 if known is None:  # that batch was abandoned: embed it here
                     misses.append(digest)
                     continue
-                vector, flag, error = known
+                vector, error = known
                 if error is not None:
                     errors[digest] = error
                 else:
-                    vectors[digest], truncated[digest] = vector, flag
+                    vectors[digest] = vector
                     from_cache.add(digest)
             if misses:
-                miss_texts = [events[first_index[d]].text for d in misses]
-                new_vectors, new_truncated, new_errors = await self._embed_isolating_poison(miss_texts)
+                miss_texts = [unit_text[d] for d in misses]
+                counts = [unit_tokens[d] for d in misses]
+                known_counts = None if min(counts) < 0 else [c + self._special_tokens for c in counts]
+                new_vectors, new_errors = await self._embed_isolating_poison(miss_texts, known_counts)
                 fill: list[tuple[str, np.ndarray]] = []
-                for digest, vector, flag, error in zip(misses, new_vectors, new_truncated, new_errors):
+                for digest, vector, error in zip(misses, new_vectors, new_errors):
                     if error is not None:
                         errors[digest] = error
                         continue
                     vectors[digest] = vector
-                    truncated[digest] = flag
                     fill.append((digest, vector))
                 for digest in mine:
                     future = self._in_flight[digest]
                     if not future.done():
-                        future.set_result((vectors.get(digest), truncated.get(digest, False), errors.get(digest)))
+                        future.set_result((vectors.get(digest), errors.get(digest)))
                 await self.cache.set_many(fill)
         finally:
             for digest in mine:
                 future = self._in_flight.pop(digest)
                 if not future.done():
                     future.set_result(
-                        (vectors[digest], truncated[digest], None) if digest in vectors else
-                        (None, False, errors[digest]) if digest in errors else None
+                        (vectors[digest], None) if digest in vectors else
+                        (None, errors[digest]) if digest in errors else None
                     )
-
-        batch_hits = len(events) - len(unique) + len(theirs.keys() & from_cache)
+        units = sum(len(h) for h in unit_hashes.values())
+        batch_hits = units - len(unique) + len(theirs.keys() & from_cache)
         self.hooks.on_cache(len(from_cache - theirs.keys()), batch_hits, len(misses))
+        return _Prepared(texts, chunks, truncated, unit_hashes, vectors, errors, from_cache)
 
-        # Last write wins for an id repeated in one batch, as it does across batches.
+    def _document_writes(self, events: Sequence[InputEvent], p: "_Prepared") -> list[tuple[int, DocumentWrite]]:
+        """The batch's writes: for each id, its last event that can be applied (a delete or an embedded upsert)."""
         last_for_id: dict[str, int] = {}
         for index, event in enumerate(events):
-            if hashes[index] in vectors:
+            if event.is_delete or not any(d in p.errors for d in p.unit_hashes[index]):
                 last_for_id[event.id] = index
-        points = [self._point(events[i], hashes[i], vectors[hashes[i]], truncated[hashes[i]]) for i in last_for_id.values()]
-        await self._upsert_in_order(points)
+        writes: list[tuple[int, DocumentWrite]] = []
+        for index in last_for_id.values():
+            event = events[index]
+            if event.is_delete:
+                writes.append((index, DocumentWrite(doc_id=event.id, points=())))
+                continue
+            chunks = p.chunks[index]
+            points = tuple(
+                self._point(event, j, len(chunks), chunk, digest, p.vectors[digest], p.truncated[index])
+                for j, (chunk, digest) in enumerate(zip(chunks, p.unit_hashes[index]))
+            )
+            writes.append((index, DocumentWrite(doc_id=event.id, points=points)))
+        return writes
 
+    async def _write(self, events: Sequence[InputEvent], p: "_Prepared", live: Callable[[int], bool] | None) -> None:
+        """Apply the writes, retrying with backoff until they land; fenced events drop out before each try."""
+        writes = self._document_writes(events, p)
+        attempt = 0
+        while True:
+            alive = [w for i, w in writes if live is None or live(i)]
+            if not alive:
+                return
+            try:
+                started = time.perf_counter()
+                # A write once sent runs to its end even if this batch is cancelled: `settle` waits for it.
+                self._writing = asyncio.ensure_future(self.sink.write(alive))
+                await asyncio.shield(self._writing)
+                self.hooks.on_upsert(sum(len(w.points) for w in alive), time.perf_counter() - started)
+                self.hooks.on_sink_state(True)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.hooks.on_sink_error()
+                self.hooks.on_sink_state(False)
+                delay = self.sink_backoff.delay(attempt)
+                log.warning("write of %d documents failed (%s); retry in %.2fs", len(alive), exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    def _outcomes(self, events: Sequence[InputEvent], p: "_Prepared") -> list[Outcome]:
+        model, dim = self.embedder.name, self.embedder.dim
         outcomes: list[Outcome] = []
         seen: set[str] = set()
         for index, event in enumerate(events):
-            digest = hashes[index]
-            if digest in errors:
-                outcomes.append(Outcome(event, error_kind="embed_failed", error_message=errors[digest]))
+            if event.is_delete:
+                outcomes.append(Outcome(event, result=DeleteResult(id=event.id, collection=self.sink.collection)))
                 continue
-            cached = digest in from_cache or digest in seen
-            seen.add(digest)
+            digests = p.unit_hashes[index]
+            failed = next((p.errors[d] for d in digests if d in p.errors), None)
+            if failed is not None:
+                outcomes.append(Outcome(event, error_kind="embed_failed", error_message=failed))
+                continue
+            cached = all(d in p.from_cache or d in seen for d in digests)
+            seen.update(digests)
             outcomes.append(
                 Outcome(
                     event,
@@ -272,24 +347,44 @@ class Pipeline:
                         model=model,
                         dim=dim,
                         cached=cached,
-                        truncated=truncated[digest],
-                        content_hash=digest,
+                        truncated=p.truncated[index],
+                        content_hash=digests[0] if len(digests) == 1 else content_hash(self._cache_model, p.texts[index]),
+                        chunks=len(digests),
                     ),
                 )
             )
         return outcomes
 
-    def _point(self, event: InputEvent, digest: str, vector: np.ndarray, was_truncated: bool) -> Point:
+    def _point(
+        self, event: InputEvent, index: int, count: int, chunk: Chunk, digest: str, vector: np.ndarray, was_truncated: bool
+    ) -> Point:
         payload: dict[str, Any] = {
             "id": event.id,
+            "chunk_index": index,
+            "chunk_count": count,
+            "chunk_start": chunk.start,
+            "chunk_end": chunk.end,
             "metadata": event.metadata,
             "content_hash": digest,
             "model": self.embedder.name,
             "truncated": was_truncated,
         }
-        version = getattr(self.embedder, "version", None)
-        if version:
-            payload["model_version"] = version
+        if self._version:
+            payload["model_version"] = self._version
         if self.store_text:
-            payload["text"] = event.text
-        return Point(id=point_id(event.id), vector=vector, payload=payload)
+            # A one-chunk document keeps its text as sent; a chunk, its span of the normalized text.
+            payload["text"] = event.text if count == 1 else chunk.text
+        return Point(id=point_id(event.id, index), vector=vector, payload=payload)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """What a batch learned before its turn to write: chunks, vectors, failures (by unit hash)."""
+
+    texts: dict[int, str]
+    chunks: dict[int, list[Chunk]]
+    truncated: dict[int, bool]
+    unit_hashes: dict[int, list[str]]
+    vectors: dict[str, np.ndarray]
+    errors: dict[str, str]
+    from_cache: set[str]

@@ -16,6 +16,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from schemas import point_id
+
 log = logging.getLogger(__name__)
 
 
@@ -28,6 +30,25 @@ class Point:
     id: str
     vector: np.ndarray
     payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentWrite:
+    """The new state of one document: its chunk points 0..n-1 replace all it had; no points deletes it."""
+
+    doc_id: str
+    points: Sequence[Point] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPoint:
+    id: str
+    vector: np.ndarray | None
+    payload: dict[str, Any]
+
+
+# Payload fields every engine indexes: deletes and chunk replacement filter on them.
+PAYLOAD_INDEXES = {"id": "keyword", "chunk_index": "integer"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +65,15 @@ class VectorSink(Protocol):
 
     async def upsert(self, points: Sequence[Point]) -> None: ...
 
+    async def write(self, writes: Sequence[DocumentWrite]) -> None:
+        """Apply document writes (at most one per id): upsert their chunks, remove every other chunk of those ids."""
+        ...
+
     async def count(self) -> int: ...
+
+    async def points(self, *, with_vectors: bool = True) -> list[StoredPoint]:
+        """Every point (tests, re-embedding, checks)."""
+        ...
 
     async def search(self, vector: np.ndarray, limit: int = 5) -> list[Hit]: ...
 
@@ -76,6 +105,7 @@ class QdrantSink:
             raise SinkConfigError("give a Qdrant url or a path, not both")
         self.collection = collection
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant")
+        self._server = bool(url)
         if url:
             self._client = QdrantClient(url=url, api_key=api_key, timeout=int(timeout_seconds))
             self.location = url
@@ -136,7 +166,17 @@ class QdrantSink:
                     raise
                 ensure()
 
+        def index() -> None:
+            if not self._server:
+                return  # qdrant-client's local engine ignores payload indexes (it scans)
+            existing = self._client.get_collection(self.collection).payload_schema or {}
+            schema = {"keyword": models.PayloadSchemaType.KEYWORD, "integer": models.PayloadSchemaType.INTEGER}
+            for field_name, kind in PAYLOAD_INDEXES.items():
+                if field_name not in existing:  # idempotent on a server too; skip the round trip
+                    self._client.create_payload_index(self.collection, field_name=field_name, field_schema=schema[kind], wait=True)
+
         await self._call(ensure)
+        await self._call(index)
 
     async def upsert(self, points: Sequence[Point]) -> None:
         from qdrant_client import models
@@ -148,6 +188,63 @@ class QdrantSink:
             for p in points
         ]
         await self._call(self._client.upsert, self.collection, points=structs, wait=True)
+
+    async def write(self, writes: Sequence[DocumentWrite]) -> None:
+        from qdrant_client import models
+
+        if not writes:
+            return
+        structs = [
+            models.PointStruct(id=p.id, vector=np.asarray(p.vector, dtype=np.float32).tolist(), payload=p.payload)
+            for w in writes
+            for p in w.points
+        ]
+
+        def surplus_filter(targets: Sequence[DocumentWrite]) -> Any:
+            def clause(w: DocumentWrite) -> Any:
+                same_id = models.FieldCondition(key="id", match=models.MatchValue(value=w.doc_id))
+                if not w.points:
+                    return models.Filter(must=[same_id])
+                return models.Filter(must=[same_id, models.FieldCondition(key="chunk_index", range=models.Range(gte=len(w.points)))])
+
+            # The MatchAny prefilter narrows the scan of the local engine ~10x; a server uses its index.
+            ids = models.FieldCondition(key="id", match=models.MatchAny(any=[w.doc_id for w in targets]))
+            return models.Filter(must=[ids], should=[clause(w) for w in targets])
+
+        def apply() -> None:
+            if self._server:
+                # Upsert first, then drop the surplus: readers never see a document vanish and
+                # come back; a crash in between leaves the surplus for the replay to remove.
+                if structs:
+                    self._client.upsert(self.collection, points=structs, wait=True)
+                self._client.delete(self.collection, points_selector=models.FilterSelector(filter=surplus_filter(writes)), wait=True)
+                return
+            # The local engine scans on every filter: read each document's chunk 0 (by id, cheap)
+            # and filter-delete only documents that may hold more chunks than they now get.
+            # Deleting before the upsert keeps chunk 0's `chunk_count` an upper bound of what
+            # is stored, even across a crash between the two steps.
+            stored = self._client.retrieve(self.collection, ids=[str(point_id(w.doc_id)) for w in writes], with_payload=["chunk_count"])
+            counts = {str(r.id): int((r.payload or {}).get("chunk_count", 1)) for r in stored}
+            targets = [w for w in writes if counts.get(point_id(w.doc_id), 0) > len(w.points)]
+            if targets:
+                self._client.delete(self.collection, points_selector=models.FilterSelector(filter=surplus_filter(targets)), wait=True)
+            if structs:
+                self._client.upsert(self.collection, points=structs, wait=True)
+
+        await self._call(apply)
+
+    async def points(self, *, with_vectors: bool = True) -> list[StoredPoint]:
+        found: list[StoredPoint] = []
+        offset = None
+        while True:
+            records, offset = await self._call(
+                self._client.scroll, self.collection, limit=1000, offset=offset, with_payload=True, with_vectors=with_vectors
+            )
+            for r in records:
+                vector = np.asarray(r.vector, dtype=np.float32) if with_vectors and r.vector is not None else None
+                found.append(StoredPoint(id=str(r.id), vector=vector, payload=dict(r.payload or {})))
+            if offset is None:
+                return found
 
     async def count(self) -> int:
         result = await self._call(self._client.count, self.collection, exact=True)

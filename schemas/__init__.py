@@ -2,6 +2,9 @@
 
 from schemas.events import (
     DEFAULT_LIMITS,
+    OP_DELETE,
+    OP_UPSERT,
+    DeleteResult,
     POINT_NAMESPACE,
     InputEvent,
     InvalidEvent,
@@ -10,6 +13,7 @@ from schemas.events import (
     SourcePosition,
     content_hash,
     decode_input,
+    decode_tombstone,
     encode_dead_letter,
     encode_input,
     normalize_text,
@@ -18,6 +22,9 @@ from schemas.events import (
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "OP_DELETE",
+    "OP_UPSERT",
+    "DeleteResult",
     "POINT_NAMESPACE",
     "InputEvent",
     "InvalidEvent",
@@ -26,6 +33,7 @@ __all__ = [
     "SourcePosition",
     "content_hash",
     "decode_input",
+    "decode_tombstone",
     "encode_dead_letter",
     "encode_input",
     "normalize_text",

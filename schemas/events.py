@@ -20,6 +20,11 @@ import orjson
 POINT_NAMESPACE = uuid.UUID("6f1c2a8e-3b7d-5e4f-9a10-e1b0d7c5a4f2")
 
 RESULT_STATUS_OK = "ok"
+RESULT_STATUS_DELETED = "deleted"
+
+OP_UPSERT = "upsert"
+OP_DELETE = "delete"
+OPS = (OP_UPSERT, OP_DELETE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,9 +54,16 @@ class InvalidEvent(Exception):
 
 @dataclass(frozen=True, slots=True)
 class InputEvent:
+    """One write to a document: `op` "upsert" (text, metadata) or "delete" (text empty)."""
+
     id: str
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    op: str = OP_UPSERT
+
+    @property
+    def is_delete(self) -> bool:
+        return self.op == OP_DELETE
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -82,10 +94,28 @@ def _check_string(name: str, value: Any) -> str:
     return value
 
 
-def decode_input(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> InputEvent:
-    """Decode one Kafka value into an `InputEvent` or raise `InvalidEvent`."""
+def _check_id(event_id: Any, limits: Limits) -> str:
+    event_id = _check_string("id", event_id)
+    if len(event_id) > limits.max_id_chars:
+        raise InvalidEvent("id_too_long", f"id is {len(event_id)} characters, limit is {limits.max_id_chars}")
+    return event_id
+
+
+def decode_tombstone(key: bytes | None, limits: Limits = DEFAULT_LIMITS) -> InputEvent:
+    """A Kafka tombstone (null value) deletes the document named by its key (UTF-8)."""
+    if not key:
+        raise InvalidEvent("missing_id", "tombstone (null value) without a key: no document id to delete")
+    try:
+        event_id = key.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        raise InvalidEvent("invalid_id", f"tombstone key is not valid UTF-8 at byte {bad.start}") from None
+    return InputEvent(id=_check_id(event_id, limits), text="", op=OP_DELETE)
+
+
+def decode_input(raw: bytes | None, limits: Limits = DEFAULT_LIMITS, *, key: bytes | None = None) -> InputEvent:
+    """Decode one Kafka record (value, and key for tombstones) into an `InputEvent` or raise `InvalidEvent`."""
     if raw is None:
-        raise InvalidEvent("empty_message", "message value is null (tombstone)")
+        return decode_tombstone(key, limits)
     if len(raw) > limits.max_message_bytes:
         raise InvalidEvent(
             "message_too_large", f"message is {len(raw)} bytes, limit is {limits.max_message_bytes}"
@@ -104,9 +134,12 @@ def decode_input(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> InputEve
     if _depth(value, limits.max_depth) > limits.max_depth:
         raise InvalidEvent("too_deep", f"JSON nesting deeper than {limits.max_depth}")
 
-    event_id = _check_string("id", value.get("id"))
-    if len(event_id) > limits.max_id_chars:
-        raise InvalidEvent("id_too_long", f"id is {len(event_id)} characters, limit is {limits.max_id_chars}")
+    op = value.get("op", OP_UPSERT)
+    if op not in OPS:
+        raise InvalidEvent("invalid_op", f"field 'op' must be one of {', '.join(OPS)}, got {str(op)[:40]!r}")
+    event_id = _check_id(value.get("id"), limits)
+    if op == OP_DELETE:
+        return InputEvent(id=event_id, text="", op=OP_DELETE)
     text = _check_string("text", value.get("text"))
     text_bytes = len(text.encode("utf-8"))
     if text_bytes > limits.max_text_bytes:
@@ -127,15 +160,20 @@ def decode_input(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> InputEve
 
 
 def encode_input(event: InputEvent) -> bytes:
+    if event.is_delete:
+        return orjson.dumps({"id": event.id, "op": OP_DELETE})
     body: dict[str, Any] = {"id": event.id, "text": event.text}
     if event.metadata:
         body["metadata"] = event.metadata
     return orjson.dumps(body)
 
 
-def point_id(event_id: str) -> str:
-    """The Qdrant point id of an event: stable across replays and workers."""
-    return str(uuid.uuid5(POINT_NAMESPACE, event_id))
+def point_id(event_id: str, chunk_index: int = 0) -> str:
+    """The Qdrant point id of a document's chunk: stable across replays and workers.
+
+    Chunk 0 (a one-chunk text) keeps `uuid5(ns, id)`; chunk i > 0 is `uuid5(ns, f"{id}#{i}")`.
+    """
+    return str(uuid.uuid5(POINT_NAMESPACE, event_id if chunk_index == 0 else f"{event_id}#{chunk_index}"))
 
 
 def normalize_text(text: str) -> str:
@@ -163,6 +201,8 @@ class ResultEvent:
     truncated: bool
     content_hash: str
     status: str = RESULT_STATUS_OK
+    chunks: int = 1
+    """Points the document is stored as (0 for a delete)."""
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -176,8 +216,29 @@ class ResultEvent:
                 "truncated": self.truncated,
                 "content_hash": self.content_hash,
                 "status": self.status,
+                "chunks": self.chunks,
             }
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeleteResult:
+    """The result event of a delete (a tombstone or `"op": "delete"`)."""
+
+    id: str
+    collection: str
+    status: str = RESULT_STATUS_DELETED
+
+    @property
+    def cached(self) -> bool:
+        return False
+
+    @property
+    def truncated(self) -> bool:
+        return False
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"id": self.id, "status": self.status, "collection": self.collection, "chunks": 0})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -187,8 +248,23 @@ class SourcePosition:
     offset: int
 
 
-def encode_dead_letter(*, kind: str, message: str, source: SourcePosition, payload: bytes | None) -> bytes:
-    """A dead letter carries the original bytes: as text when UTF-8, else base64."""
+DEFAULT_DLQ_MAX_PAYLOAD_BYTES = 64 * 1024
+
+
+def encode_dead_letter(
+    *,
+    kind: str,
+    message: str,
+    source: SourcePosition,
+    payload: bytes | None,
+    max_payload_bytes: int | None = DEFAULT_DLQ_MAX_PAYLOAD_BYTES,
+) -> bytes:
+    """A dead letter carries the original bytes: as text when UTF-8, else base64.
+
+    At most `max_payload_bytes` of them (None: all; 0: none), so a dead letter always fits
+    under the broker's message size: a longer payload keeps its head, with its full size,
+    its sha256 and `payload_truncated: true`.
+    """
     body: dict[str, Any] = {
         "error": {"type": kind, "message": message},
         "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset},
@@ -196,13 +272,36 @@ def encode_dead_letter(*, kind: str, message: str, source: SourcePosition, paylo
     if payload is None:
         body["payload"] = None
         body["payload_encoding"] = "none"
-    else:
-        try:
-            text = payload.decode("utf-8")
-            orjson.dumps(text)  # lone surrogates cannot be re-encoded as JSON text
-            body["payload"] = text
-            body["payload_encoding"] = "utf-8"
-        except (UnicodeDecodeError, orjson.JSONEncodeError):
-            body["payload"] = base64.b64encode(payload).decode("ascii")
-            body["payload_encoding"] = "base64"
+        return orjson.dumps(body)
+    kept = payload
+    if max_payload_bytes is not None and len(payload) > max_payload_bytes:
+        kept = payload[:max_payload_bytes]
+        body["payload_truncated"] = True
+        body["payload_size"] = len(payload)
+        body["payload_sha256"] = hashlib.sha256(payload).hexdigest()
+    try:
+        # A cut may split a UTF-8 sequence: drop the partial character rather than go base64.
+        if kept is payload:
+            text = kept.decode("utf-8")
+        elif _utf8_head(kept):
+            text = kept.decode("utf-8", "ignore")
+        else:
+            raise UnicodeDecodeError("utf-8", kept, 0, 1, "not UTF-8")
+        encoded = orjson.dumps(text)  # lone surrogates cannot be re-encoded as JSON text
+        if max_payload_bytes is not None and len(encoded) > 2 * max_payload_bytes + 2:
+            raise UnicodeDecodeError("utf-8", kept, 0, 1, "escapes too large")  # control bytes escape 6x
+        body["payload"] = text
+        body["payload_encoding"] = "utf-8"
+    except (UnicodeDecodeError, orjson.JSONEncodeError):
+        body["payload"] = base64.b64encode(kept).decode("ascii")
+        body["payload_encoding"] = "base64"
     return orjson.dumps(body)
+
+
+def _utf8_head(head: bytes) -> bool:
+    """Whether `head` is valid UTF-8 but for a character cut at its end."""
+    try:
+        head.decode("utf-8")
+        return True
+    except UnicodeDecodeError as bad:
+        return bad.start >= len(head) - 3 and bad.reason == "unexpected end of data"
