@@ -419,30 +419,29 @@ def replay_embed_calls(embedder: Any, calls: Sequence[tuple[float, float, list[s
 
 
 def _bench_worker_class():
-    from streams.runtime import Worker
+    from streams.runtime import Worker, WorkerObserver
 
     class BenchWorker(Worker):
-        """The real Worker, plus the two instants a throughput measurement needs."""
+        """The real Worker, observed through its public hooks for the instants a throughput measurement needs."""
 
         def __init__(self, *args: Any, target: int, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, observer=WorkerObserver(
+                on_fetch_round=self._round, on_consumed=self._consumed, on_batch_done=self._batch_done_hook,
+            ), **kwargs)
             self.target = target
             self.first_consumed_at: float | None = None
             self.done_at: float | None = None
             self.done = asyncio.Event()
             self.fetch_rounds = 0
 
-        def _apply_flow(self) -> None:  # called once per round of the fetch loop
+        def _round(self) -> None:
             self.fetch_rounds += 1
-            super()._apply_flow()
 
-        def _accept(self, tp: Any, message: Any) -> None:
+        def _consumed(self) -> None:
             if self.first_consumed_at is None:
                 self.first_consumed_at = time.perf_counter()
-            super()._accept(tp, message)
 
-        async def _run_batch(self, batch: list[Any]) -> None:
-            await super()._run_batch(batch)
+        def _batch_done_hook(self, messages: int) -> None:
             if self.done_at is None and self.stats.processed + self.stats.dead_letters >= self.target:
                 self.done_at = time.perf_counter()
                 self.done.set()

@@ -117,6 +117,11 @@ OPTIONS: tuple[Option, ...] = (
            "Engine of the embedded path store: edge (qdrant-edge, one shard per collection) or local (qdrant-client, sqlite)"),
     Option("collection", "texts", _nonempty, "Qdrant collection"),
     Option("store_text", True, _bool, "Keep the text in the point payload"),
+    Option("long_text", "chunk", _choice("chunk", "truncate"),
+           "A text over the model's token limit: chunk (several points) or truncate (its first tokens)"),
+    Option("chunk_overlap_tokens", 32, _non_negative_int, "Tokens a chunk repeats from the end of the previous one"),
+    Option("dlq_max_payload_bytes", 64 * 1024, _non_negative_int,
+           "Most bytes of the original payload a dead letter carries (the rest: its size and sha256)"),
     Option("model", "all-MiniLM-L6-v2", _nonempty, "Model name or path (default: the bundled all-MiniLM-L6-v2)"),
     Option("device", "auto", _nonempty, "auto, cpu, cuda, cuda:N or mps"),
     Option("torch_threads", 0, _non_negative_int, "torch CPU threads (0: one per core)"),
@@ -170,6 +175,9 @@ class Settings:
     qdrant_engine: str
     collection: str
     store_text: bool
+    long_text: str
+    chunk_overlap_tokens: int
+    dlq_max_payload_bytes: int
     model: str
     device: str
     metrics_port: int

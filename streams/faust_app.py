@@ -69,7 +69,8 @@ from mode import CrashingSupervisor
 
 from processors.cache import VectorCache
 from processors.embedder import Embedder
-from processors.pipeline import Backoff, Outcome, Pipeline
+from processors.backoff import Backoff
+from processors.pipeline import Outcome, Pipeline
 from processors.sink import VectorSink
 from schemas import InvalidEvent, Limits, SourcePosition, decode_input, encode_dead_letter
 from streams.config import ConfigError, Settings, load_settings
@@ -149,7 +150,10 @@ class _Runtime:
                 self.cache = build_cache(s)
                 if self.cache is not None:
                     self._owned.append(self.cache)
-            pipeline = Pipeline(embedder=self.embedder, sink=self.sink, cache=self.cache, store_text=s.store_text)
+            pipeline = Pipeline(
+                embedder=self.embedder, sink=self.sink, cache=self.cache, store_text=s.store_text,
+                long_text=s.long_text, chunk_overlap_tokens=s.chunk_overlap_tokens,
+            )
             await pipeline.start()
             self.pipeline = pipeline
             log.info(
@@ -180,7 +184,7 @@ class _Runtime:
         failures: list[tuple[Any, str, str]] = []
         for message in messages:
             try:
-                valid.append((message, decode_input(message.value, self.limits)))
+                valid.append((message, decode_input(message.value, self.limits, key=message.key)))
             except InvalidEvent as exc:
                 failures.append((message, exc.kind, exc.message))
 
@@ -193,7 +197,10 @@ class _Runtime:
                 failures.append((message, outcome.error_kind or "error", outcome.error_message or ""))
         for message, kind, text in failures:
             source = SourcePosition(topic=message.topic, partition=message.partition, offset=message.offset)
-            out.append((self.dlq, message.key, encode_dead_letter(kind=kind, message=text, source=source, payload=message.value)))
+            out.append((self.dlq, message.key, encode_dead_letter(
+                kind=kind, message=text, source=source, payload=message.value,
+                max_payload_bytes=self.settings.dlq_max_payload_bytes,
+            )))
         await self._publish(out)
 
         for message in messages:

@@ -46,6 +46,18 @@ class Metrics:
         self.cache_errors = Counter(
             "embedworker_cache_errors_total", "Redis operations that failed (the worker went on without the cache)", ["operation"], registry=r
         )
+        self.publish_errors = Counter(
+            "embedworker_publish_errors_total",
+            "Records the broker did not acknowledge, by kind (result, dead_letter) and error class",
+            ["kind", "error"],
+            registry=r,
+        )
+        self.documents_deleted = Counter(
+            "embedworker_documents_deleted_total", "Delete events applied (tombstones and op=delete)", registry=r
+        )
+        self.chunks_written = Counter(
+            "embedworker_chunks_written_total", "Chunk points written to the store", registry=r
+        )
         self.sink_errors = Counter("embedworker_sink_errors_total", "Failed upsert attempts (retried)", registry=r)
         self.texts_embedded = Counter("embedworker_texts_embedded_total", "Texts run through the model", registry=r)
         self.batch_size = Histogram(

@@ -1,11 +1,17 @@
 """The main runtime: fetch, decode, micro-batch, process, publish, commit.
 
 A message's life: fetched and registered in the `OffsetTracker`; decoded (bad input
-goes straight to the dead-letter topic); added to the `Batcher`; processed by the
-`Pipeline` in a batch task (up to `max_in_flight_batches` at once, so fetching, cache
-lookups, embedding and upserts of different batches overlap); its result or dead letter
-is published and acknowledged; only then is it finished in the tracker, and the commit
-loop commits the finished prefix of each partition. Crashes therefore replay, never drop.
+goes straight to the dead-letter topic; a tombstone or `"op": "delete"` is a delete);
+added to the `Batcher`; processed by the `Pipeline` in a batch task (up to
+`max_in_flight_batches` at once, so fetching, cache lookups, embedding and writes of
+different batches overlap); its result or dead letter is published and acknowledged; only
+then is it finished in the tracker, and the commit loop commits the finished prefix of
+each partition. Crashes therefore replay, never drop.
+
+Order: a batch takes two turns when it is launched, one for the store and one for the
+result topic, so writes and results follow offset order whichever batch finishes first.
+Fencing: every message carries the epoch of its partition's assignment; once a partition
+is revoked, its messages are neither written, nor published, nor finished here.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import psutil
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -24,7 +30,10 @@ from aiokafka.errors import KafkaError
 
 from processors.cache import VectorCache
 from processors.embedder import Embedder
-from processors.pipeline import Backoff, Outcome, Pipeline, PipelineHooks
+from processors.backoff import Backoff
+from processors.embedder import estimate_tokens
+from processors.ordering import Sequencer, Turn
+from processors.pipeline import LONG_TEXT_CHUNK, Outcome, Pipeline, PipelineHooks
 from processors.sink import VectorSink
 from schemas import InputEvent, InvalidEvent, Limits, SourcePosition, decode_input, encode_dead_letter
 from streams.batching import BatchPolicy, Batcher
@@ -49,6 +58,8 @@ class Fetched:
     key: bytes | None
     value: bytes | None
     size: int
+    epoch: int = 0
+    """The assignment of its partition it was fetched under (see `Worker._live`)."""
     event: InputEvent | None = None
 
 
@@ -70,8 +81,21 @@ class RunStats:
     max_rss_bytes: int = 0
 
 
+@dataclass(slots=True)
+class WorkerObserver:
+    """Public hooks for measurements (the bench): called on the event loop, so keep them cheap."""
+
+    on_fetch_round: Callable[[], None] = lambda: None
+    on_consumed: Callable[[], None] = lambda: None
+    on_batch_done: Callable[[int], None] = lambda messages: None
+
+
 class WorkerError(Exception):
     """A fault the worker cannot go on from; it stops and the next start replays."""
+
+
+class PublishError(WorkerError):
+    """A record the broker will never accept (not retriable) and that has no smaller form."""
 
 
 class _RebalanceListener(ConsumerRebalanceListener):
@@ -79,8 +103,11 @@ class _RebalanceListener(ConsumerRebalanceListener):
 
     Revoked: every finished message of the revoked partitions is committed before they
     go, after giving in-flight batches until `shutdown_timeout_seconds / 2` to finish, so
-    the next owner neither loses nor needlessly repeats work. Buffered messages not yet
-    in a batch are dropped: the next owner replays them from the committed offset.
+    the next owner neither loses nor needlessly repeats work. Then the partitions are
+    fenced: no batch writes, publishes or finishes their messages any more, and a store
+    write already sent is waited for, so nothing of ours lands after the new owner's.
+    Buffered messages not yet in a batch are dropped: the next owner replays them from
+    the committed offset, as it replays the fenced ones.
     Assigned: the group's committed offset is read so lag can be computed at once.
     """
 
@@ -109,8 +136,10 @@ class Worker:
         sink: VectorSink,
         cache: VectorCache | None = None,
         metrics: Metrics | None = None,
+        observer: WorkerObserver | None = None,
     ) -> None:
         self.settings = settings
+        self.observer = observer or WorkerObserver()
         self.metrics = metrics or Metrics()
         self.stats = RunStats()
         self.embedder = embedder
@@ -119,13 +148,17 @@ class Worker:
         hooks = PipelineHooks(
             on_cache=self._count_cache,
             on_embed=lambda texts, seconds: (m.texts_embedded.inc(texts), m.embed_seconds.observe(seconds)),
-            on_upsert=lambda points, seconds: m.upsert_seconds.observe(seconds),
+            on_upsert=lambda points, seconds: (m.chunks_written.inc(points), m.upsert_seconds.observe(seconds)),
             on_sink_error=m.sink_errors.inc,
             on_sink_state=self._set_sink_state,
         )
         self.pipeline = Pipeline(
-            embedder=embedder, sink=sink, cache=cache, store_text=settings.store_text, hooks=hooks
+            embedder=embedder, sink=sink, cache=cache, store_text=settings.store_text, hooks=hooks,
+            long_text=settings.long_text, chunk_overlap_tokens=settings.chunk_overlap_tokens,
         )
+        self._publish_order = Sequencer()
+        self._epochs: dict[TopicPartition, int] = {}
+        self._next_epoch = 1
         self.limits = Limits(max_message_bytes=settings.max_message_bytes, max_text_bytes=settings.max_text_bytes)
         self.tracker = OffsetTracker()
         self.batcher: Batcher[Fetched] = Batcher(
@@ -237,6 +270,7 @@ class Worker:
         while not self._stop.is_set():
             now = time.monotonic()
             self.batcher.adapt(sum(self._lag.values()))
+            self.observer.on_fetch_round()
             self._apply_flow()
             self._launch_ready(now)
             # With every pipeline slot busy a due batch cannot start here: `_batch_done`
@@ -262,6 +296,7 @@ class Worker:
             self._launch_ready(time.monotonic())
 
     def _accept(self, tp: TopicPartition, message: Any) -> None:
+        self.observer.on_consumed()
         timestamp = message.timestamp / 1000 if message.timestamp and message.timestamp > 0 else time.time()
         committed = self.tracker.committed(tp)
         if committed is not None and message.offset < committed and self.tracker.pending_count(tp) == 0:
@@ -279,18 +314,38 @@ class Worker:
         self._buffered_bytes += size
         self.stats.consumed += 1
         self.metrics.messages_consumed.inc()
+        item.epoch = self._epochs.get(tp, 0)
         try:
-            item.event = decode_input(message.value, self.limits)
+            item.event = decode_input(message.value, self.limits, key=message.key)
         except InvalidEvent as exc:
             self._spawn_side(self._dead_letter([(item, exc.kind, exc.message)], stage="decode"))
             return
-        self.batcher.add(item, self.embedder.estimate_tokens(item.event.text), time.monotonic())
+        self.batcher.add(item, self._tokens(item.event), time.monotonic())
 
-    def _launch_ready(self, now: float) -> None:
-        while len(self._batch_tasks) < self.settings.max_in_flight_batches and self.batcher.ready(now):
+    def _tokens(self, event: InputEvent) -> int:
+        """A batching estimate: a long text being chunked costs all its chunks."""
+        if event.is_delete:
+            return 1
+        if self.settings.long_text == LONG_TEXT_CHUNK:
+            return estimate_tokens(event.text)
+        return self.embedder.estimate_tokens(event.text)
+
+    def _live(self, item: Fetched) -> bool:
+        """Whether `item` may still be written, published and finished: its partition's assignment is the one it came under."""
+        return self._epochs.get(item.tp) == item.epoch
+
+    def _launch_ready(self, now: float, *, drain: bool = False) -> None:
+        """Start due batches (every buffered one when draining) while pipeline slots are free."""
+        while len(self._batch_tasks) < self.settings.max_in_flight_batches and (
+            len(self.batcher) if drain else self.batcher.ready(now)
+        ):
             batch = self.batcher.take(now)
-            task = asyncio.create_task(self._run_batch(batch))
+            # Both turns are taken here, before the task's first await: launch order is offset order.
+            write_turn, publish_turn = self.pipeline.take_turn(), self._publish_order.take()
+            task = asyncio.create_task(self._run_batch(batch, write_turn, publish_turn))
             self._batch_tasks.add(task)
+            # A task cancelled before it ever ran skips its `finally`: end its turns here too.
+            task.add_done_callback(lambda _, w=write_turn, p=publish_turn: (w.end(), p.end()))
             task.add_done_callback(self._batch_done)
         self.metrics.in_flight_batches.set(len(self._batch_tasks))
 
@@ -320,7 +375,7 @@ class Worker:
 
     # ---- processing --------------------------------------------------------------------
 
-    async def _run_batch(self, batch: list[Fetched]) -> None:
+    async def _run_batch(self, batch: list[Fetched], write_turn: Turn, publish_turn: Turn) -> None:
         started = time.monotonic()
         batch_id = uuid.uuid4().hex[:12]
         ids = {"batch_id": batch_id}
@@ -329,12 +384,31 @@ class Worker:
         self.metrics.batch_size.observe(len(batch))
         self.stats.batches += 1
         self.stats.batch_sizes.append(len(batch))
-        outcomes: list[Outcome] = await self.pipeline.process([item.event for item in batch])  # type: ignore[misc]
-        results = [(item, o) for item, o in zip(batch, outcomes) if o.result is not None]
-        failures = [(item, o.error_kind or "error", o.error_message or "") for item, o in zip(batch, outcomes) if o.result is None]
+        try:
+            outcomes: list[Outcome] = await self.pipeline.process(
+                [item.event for item in batch],  # type: ignore[misc]
+                turn=write_turn,
+                live=lambda index: self._live(batch[index]),
+            )
+        finally:
+            write_turn.end()
+        async with publish_turn:
+            await self._publish_outcomes(batch, outcomes, batch_id)
+        seconds = time.monotonic() - started
+        self.metrics.batch_seconds.observe(seconds)
+        self.observer.on_batch_done(len(batch))
+
+    async def _publish_outcomes(self, batch: list[Fetched], outcomes: list[Outcome], batch_id: str) -> None:
+        """Results and dead letters of a batch's live messages, in the batch's publishing turn."""
+        fenced = [item for item in batch if not self._live(item)]
+        for item in fenced:
+            self._release(item)  # the partition's new owner replays it
+        pairs = [(item, o) for item, o in zip(batch, outcomes) if self._live(item)]
+        results = [(item, o) for item, o in pairs if o.result is not None]
+        failures = [(item, o.error_kind or "error", o.error_message or "") for item, o in pairs if o.result is None]
         if results:
             await self._send_reliably(
-                [(self.settings.output_topic, o.event.id.encode("utf-8"), o.result.encode()) for _, o in results],  # type: ignore[union-attr]
+                [(self.settings.output_topic, o.event.id.encode("utf-8"), o.result.encode(), None) for _, o in results],  # type: ignore[union-attr]
                 batch_id=batch_id,
             )
             finished_at = time.time()
@@ -347,14 +421,17 @@ class Worker:
                 self.stats.latencies.append(latency)
                 self.metrics.end_to_end_seconds.observe(latency)
             self.metrics.messages_processed.inc(len(results))
+            deletes = sum(1 for _, o in results if o.event.is_delete)
+            if deletes:
+                self.metrics.documents_deleted.inc(deletes)
         if failures:
             await self._dead_letter(failures, stage="embed", batch_id=batch_id)
-        seconds = time.monotonic() - started
-        self.metrics.batch_seconds.observe(seconds)
-        log.debug("batch done: %d results, %d dead letters in %.3fs", len(results), len(failures), seconds, extra=ids)
+        log.debug("batch done: %d results, %d dead letters, %d fenced", len(results), len(failures), len(fenced),
+                  extra={"batch_id": batch_id})
 
     async def _dead_letter(self, failures: list[tuple[Fetched, str, str]], *, stage: str, batch_id: str | None = None) -> None:
         messages = []
+        cap = self.settings.dlq_max_payload_bytes
         for item, kind, message in failures:
             source = SourcePosition(topic=item.tp.topic, partition=item.tp.partition, offset=item.offset)
             extra: dict[str, str] = {"message_id": _message_id(item)}
@@ -362,9 +439,10 @@ class Worker:
                 extra["batch_id"] = batch_id
             event_id = f" (event id {item.event.id!r})" if item.event is not None else ""
             log.warning("dead letter at %s%s: %s: %s", stage, event_id, kind, message[:200], extra=extra)
-            messages.append(
-                (self.settings.dlq_topic, item.key, encode_dead_letter(kind=kind, message=message, source=source, payload=item.value))
-            )
+            value = encode_dead_letter(kind=kind, message=message, source=source, payload=item.value, max_payload_bytes=cap)
+            # What goes out if the broker refuses that (too large for it): the envelope alone.
+            bare = encode_dead_letter(kind=kind, message=message[:1000], source=source, payload=item.value, max_payload_bytes=0)
+            messages.append((self.settings.dlq_topic, item.key if item.key is None or len(item.key) <= 4096 else None, value, bare))
         await self._send_reliably(messages, batch_id=batch_id)
         for item, kind, _ in failures:
             self._finish(item)
@@ -372,37 +450,64 @@ class Worker:
         self.metrics.messages_failed.inc(len(failures))
         self.metrics.messages_dead_lettered.labels(stage=stage).inc(len(failures))
 
-    async def _send_reliably(self, messages: list[tuple[str, bytes | None, bytes]], *, batch_id: str | None = None) -> None:
-        """Publish and wait for every acknowledgement, retrying failures with backoff.
+    async def _send_reliably(
+        self, messages: list[tuple[str, bytes | None, bytes, bytes | None]], *, batch_id: str | None = None
+    ) -> None:
+        """Publish and wait for every acknowledgement, retrying retriable failures with backoff.
 
-        It never gives up: a message whose result cannot be published must not be
-        committed, and the growing backlog pauses the consumer meanwhile.
+        Retriable errors are retried without end: a message whose result cannot be published
+        must not be committed, and the growing backlog pauses the consumer meanwhile. A record
+        the broker can never take (too large, invalid) is sent in its fallback form (a dead
+        letter without its payload); one without a fallback stops the worker with one line.
         """
         remaining, attempt = messages, 0
         while remaining:
             acks: list[Any] = []
-            for topic, key, value in remaining:
+            for topic, key, value, _ in remaining:
                 try:
                     acks.append(await self._producer.send(topic, value=value, key=key))
                 except KafkaError as exc:
                     acks.append(_failed(exc))
             outcomes = await asyncio.gather(*acks, return_exceptions=True)
-            failed = [m for m, outcome in zip(remaining, outcomes) if isinstance(outcome, BaseException)]
-            if failed:
-                error = next(o for o in outcomes if isinstance(o, BaseException))
+            retry: list[tuple[str, bytes | None, bytes, bytes | None]] = []
+            retriable: BaseException | None = None
+            for message, outcome in zip(remaining, outcomes):
+                if not isinstance(outcome, BaseException):
+                    continue
+                kind = "dead_letter" if message[0] == self.settings.dlq_topic else "result"
+                self.metrics.publish_errors.labels(kind=kind, error=_error_label(outcome)).inc()
+                if getattr(outcome, "retriable", True) and not isinstance(outcome, (ValueError, TypeError)):
+                    retriable = outcome
+                    retry.append(message)
+                elif message[3] is not None:
+                    log.error(
+                        "the broker refused a %d-byte dead letter for %s (%s); sending it without its payload",
+                        len(message[2]), message[0], type(outcome).__name__,
+                    )
+                    retry.append((message[0], message[1], message[3], None))
+                else:
+                    raise PublishError(
+                        f"the broker refused a {len(message[2])}-byte record for {message[0]} "
+                        f"({type(outcome).__name__}: {outcome}); it cannot be retried, stopping"
+                    )
+            if retriable is not None:
                 delay = self._send_backoff.delay(attempt)
                 log.warning(
-                    "publishing %d events failed (%s); retry in %.2fs", len(failed), type(error).__name__, delay,
+                    "publishing %d events failed (%s); retry in %.2fs", len(retry), type(retriable).__name__, delay,
                     extra={"batch_id": batch_id} if batch_id is not None else None,
                 )
                 attempt += 1
                 await asyncio.sleep(delay)
-            remaining = failed
+            remaining = retry
+
+    def _release(self, item: Fetched) -> None:
+        """Stop counting a message as buffered without finishing it (fenced: its partition moved on)."""
+        self._buffered_messages -= 1
+        self._buffered_bytes -= item.size
 
     def _finish(self, item: Fetched) -> None:
         self.tracker.finish(item.tp, item.offset)
-        self._buffered_messages -= 1
-        self._buffered_bytes -= item.size
+        self._release(item)
 
     # ---- flow control, lag, commits ----------------------------------------------------
 
@@ -508,6 +613,10 @@ class Worker:
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)))
         for tp in assigned:
+            # A new epoch per assignment: messages of an earlier ownership stay fenced.
+            self._epochs[tp] = self._next_epoch
+            self._next_epoch += 1
+        for tp in assigned:
             try:
                 committed = await asyncio.wait_for(self._consumer.committed(tp), timeout=10)
             except (KafkaError, asyncio.TimeoutError) as exc:
@@ -535,10 +644,18 @@ class Worker:
         for item in self.batcher.remove(lambda item: item.tp in gone):
             self._buffered_messages -= 1
             self._buffered_bytes -= item.size
+        wait = self.settings.shutdown_timeout_seconds / 2
         pending = self._batch_tasks | self._side_tasks
         if pending:
-            await asyncio.wait(pending, timeout=self.settings.shutdown_timeout_seconds / 2)
+            await asyncio.wait(pending, timeout=wait)
         await self.commit(revoked)
+        for tp in revoked:
+            self._epochs.pop(tp, None)  # fenced: from here on nothing of them is written or published
+        if not await self.pipeline.settle(timeout=wait):
+            log.error(
+                "a store write of revoked partitions is still running after %.1fs; it may land after the new owner's",
+                wait,
+            )
         self.tracker.forget(revoked)
         for tp in revoked:
             self._lag.pop(tp, None)
@@ -559,12 +676,7 @@ class Worker:
         deadline = time.monotonic() + self.settings.shutdown_timeout_seconds
         if self._fatal is None:
             while len(self.batcher) and time.monotonic() < deadline:
-                now = time.monotonic()
-                while len(self._batch_tasks) < self.settings.max_in_flight_batches and len(self.batcher):
-                    batch = self.batcher.take(now)
-                    task = asyncio.create_task(self._run_batch(batch))
-                    self._batch_tasks.add(task)
-                    task.add_done_callback(self._batch_done)
+                self._launch_ready(time.monotonic(), drain=True)
                 if self._batch_tasks:
                     await asyncio.wait(self._batch_tasks, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
         pending = self._batch_tasks | self._side_tasks
@@ -589,6 +701,12 @@ class Worker:
 
 async def _failed(exc: BaseException) -> None:
     raise exc
+
+
+def _error_label(exc: BaseException) -> str:
+    """A bounded label value: aiokafka's error class names are a fixed set; anything else is `other`."""
+    name = type(exc).__name__
+    return name if type(exc).__module__.startswith("aiokafka") or name in ("TimeoutError", "CancelledError") else "other"
 
 
 def _message_id(item: Fetched) -> str:

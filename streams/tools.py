@@ -396,7 +396,12 @@ async def search(settings: Settings, query: str, *, limit: int = 5, embedder: An
                 "search with the model that filled it (--model)"
             )
         vector = (await loop.run_in_executor(None, embedder.embed, [query])).vectors[0]
-        return await sink.search(vector, limit=limit)
+        # Best chunk per document: ask for more chunks than documents wanted, keep each id's first.
+        hits = await sink.search(vector, limit=limit * 4)
+        best: dict[str, Any] = {}
+        for hit in hits:
+            best.setdefault(str(hit.payload.get("id", hit.id)), hit)
+        return list(best.values())[:limit]
     finally:
         await sink.close()
 
@@ -407,7 +412,9 @@ def format_hits(hits: Sequence[Any], *, width: int = 80) -> list[str]:
         text = " ".join(str(hit.payload.get("text", "")).split())
         if len(text) > width:
             text = text[: width - 3] + "..."
-        lines.append(f"{hit.score:.4f}  {hit.payload.get('id', hit.id)}  {text}")
+        count = hit.payload.get("chunk_count", 1)
+        where = f" [chunk {int(hit.payload.get('chunk_index', 0)) + 1}/{count}]" if isinstance(count, int) and count > 1 else ""
+        lines.append(f"{hit.score:.4f}  {hit.payload.get('id', hit.id)}{where}  {text}")
     return lines
 
 
@@ -647,26 +654,49 @@ class ReembedReport:
     target_count: int = 0
 
 
+def document_text(chunks: Sequence[dict[str, Any]]) -> str | None:
+    """A document's (normalized) text from its chunks' payloads: their spans, overlaps removed."""
+    ordered = sorted(chunks, key=lambda p: int(p.get("chunk_index", 0)))
+    if len(ordered) == 1:
+        text = ordered[0].get("text")
+        return text if isinstance(text, str) else None
+    parts: list[str] = []
+    covered = 0
+    for payload in ordered:
+        text, start = payload.get("text"), payload.get("chunk_start")
+        if not isinstance(text, str) or not isinstance(start, int):
+            return None
+        parts.append(text[max(0, covered - start):])
+        covered = max(covered, start + len(text))
+    return "".join(parts)
+
+
 async def _collection_batches(source: Any, batch_size: int, report: ReembedReport) -> AsyncIterator[list[Any]]:
+    """The source's documents (chunks put back together), `batch_size` at a time."""
     from schemas import InputEvent
 
-    ids = await source.scroll_ids()
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        records = await source.retrieve(chunk)
-        events = []
-        for point in chunk:
-            if point not in records:
-                report.skipped += 1  # deleted meanwhile
-                continue
-            _, payload = records[point]
-            text, event_id = payload.get("text"), payload.get("id")
+    documents: dict[str, list[dict[str, Any]]] = {}
+    for point in await source.points(with_vectors=False):
+        event_id = point.payload.get("id")
+        if not isinstance(event_id, str):
             report.read += 1
-            if not isinstance(text, str) or not text.strip() or not isinstance(event_id, str):
-                report.skipped += 1
-                continue
-            metadata = payload.get("metadata")
-            events.append(InputEvent(id=event_id, text=text, metadata=metadata if isinstance(metadata, dict) else {}))
+            report.skipped += 1
+            continue
+        documents.setdefault(event_id, []).append(point.payload)
+    events = []
+    for event_id, chunks in documents.items():
+        report.read += 1
+        text = document_text(chunks)
+        if text is None or not text.strip():
+            report.skipped += 1
+            continue
+        first = min(chunks, key=lambda p: int(p.get("chunk_index", 0)))
+        metadata = first.get("metadata")
+        events.append(InputEvent(id=event_id, text=text, metadata=metadata if isinstance(metadata, dict) else {}))
+        if len(events) >= batch_size:
+            yield events
+            events = []
+    if events:
         yield events
 
 
@@ -720,7 +750,7 @@ async def _topic_batches(
                         break
                     report.read += 1
                     try:
-                        events.append(decode_input(message.value, limits))
+                        events.append(decode_input(message.value, limits, key=message.key))
                     except InvalidEvent:
                         report.skipped += 1
                 if tp in todo and await reader.position(tp) >= stop:
@@ -784,7 +814,10 @@ async def reembed(
         if existing is not None and existing != embedder.dim:
             raise UserError(f"target collection {target!r} has vectors of size {existing}, model {model!r} gives {embedder.dim}")
         report.model_version = getattr(embedder, "version", None)
-        pipeline = Pipeline(embedder=embedder, sink=sink, cache=None, store_text=settings.store_text)
+        pipeline = Pipeline(
+            embedder=embedder, sink=sink, cache=None, store_text=settings.store_text,
+            long_text=settings.long_text, chunk_overlap_tokens=settings.chunk_overlap_tokens,
+        )
         try:
             await pipeline.start()
         except SinkConfigError as exc:
@@ -812,7 +845,8 @@ async def reembed(
                     finished, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     for task in finished:
                         _count(task.result(), report, bar)
-                in_flight.add(asyncio.create_task(pipeline.process(events)))
+                # The turn is taken here, in read order: a later version of an id lands last.
+                in_flight.add(asyncio.create_task(pipeline.process(events, turn=pipeline.take_turn())))
             for task in asyncio.as_completed(list(in_flight)):
                 _count(await task, report, bar)
             in_flight.clear()

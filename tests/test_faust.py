@@ -35,7 +35,7 @@ TEXTS = [
 ]
 
 MALFORMED: list[bytes | None] = [b"not json", b"[1, 2]", b'{"id": "x"}', b"\xff\xfe", None]
-MALFORMED_KINDS = ["invalid_json", "not_an_object", "missing_text", "invalid_utf8", "empty_message"]
+MALFORMED_KINDS = ["invalid_json", "not_an_object", "missing_text", "invalid_utf8", "missing_id"]
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
@@ -80,7 +80,8 @@ async def test_faust_worker_end_to_end(services, embedder, tmp_path):
     count = 30
     valid = [event(f"id-{i}", texts[i % len(texts)], n=i) for i in range(count)]
     values = valid + MALFORMED
-    keys = [f"k{i}".encode() for i in range(len(values))]
+    # The null value has no key: a tombstone naming no document is a dead letter (missing_id).
+    keys = [f"k{i}".encode() if value is not None else None for i, value in enumerate(values)]
     await produce(settings, values, keys=keys)
 
     log_path = tmp_path / "worker.log"

@@ -43,7 +43,8 @@ def test_decode_valid_event_without_metadata():
 @pytest.mark.parametrize(
     "raw, kind",
     [
-        (None, "empty_message"),
+        (None, "missing_id"),  # a tombstone without a key names no document
+        (b'{"id": "x", "op": "merge"}', "invalid_op"),
         (b"", "invalid_json"),
         (b"not json", "invalid_json"),
         (b"\xff\xfe{}", "invalid_utf8"),
@@ -106,7 +107,7 @@ def test_result_event_contract():
         ResultEvent(id="a", point_id=point_id("a"), collection="c", model="m", dim=3, cached=True, truncated=False, content_hash="h").encode()
     )
     assert body == {"id": "a", "point_id": point_id("a"), "collection": "c", "model": "m", "dim": 3, "cached": True,
-                    "truncated": False, "content_hash": "h", "status": "ok"}
+                    "truncated": False, "content_hash": "h", "status": "ok", "chunks": 1}
 
 
 def test_dead_letter_keeps_utf8_payload_as_text_and_binary_as_base64():
