@@ -88,6 +88,10 @@ class WorkerObserver:
     on_fetch_round: Callable[[], None] = lambda: None
     on_consumed: Callable[[], None] = lambda: None
     on_batch_done: Callable[[int], None] = lambda messages: None
+    on_published: Callable[[list[tuple[TopicPartition, int]]], None] = lambda positions: None
+    """Results acknowledged by the broker: (partition, offset) of each input message."""
+    on_revoked: Callable[[list[TopicPartition]], None] = lambda partitions: None
+    """Partitions fenced: called as the revoke handler returns."""
 
 
 class WorkerError(Exception):
@@ -233,6 +237,14 @@ class Worker:
 
     def unfinished(self) -> int:
         return self._buffered_messages
+
+    def assigned(self) -> set[TopicPartition]:
+        """Partitions this member owns now (not fenced)."""
+        return set(self._epochs)
+
+    @property
+    def in_flight_batches(self) -> int:
+        return len(self._batch_tasks)
 
     async def run(self) -> None:
         s = self.settings
@@ -421,6 +433,7 @@ class Worker:
                 self.stats.latencies.append(latency)
                 self.metrics.end_to_end_seconds.observe(latency)
             self.metrics.messages_processed.inc(len(results))
+            self.observer.on_published([(item.tp, item.offset) for item, _ in results])
             deletes = sum(1 for _, o in results if o.event.is_delete)
             if deletes:
                 self.metrics.documents_deleted.inc(deletes)
@@ -663,6 +676,7 @@ class Worker:
             self.metrics.consumer_lag_records.labels(**labels).set(0)
             self.metrics.consumer_lag_seconds.labels(**labels).set(0)
             self.metrics.partition_assigned.labels(**labels).set(0)
+        self.observer.on_revoked(revoked)
 
     # ---- shutdown ----------------------------------------------------------------------
 

@@ -216,10 +216,15 @@ async def committed_offsets(settings: Settings, partitions: int) -> dict[int, in
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings, embedder: Any, *, sink: Any = None, cache: Any = None, metrics: Metrics | None = None) -> AsyncIterator[Worker]:
+async def running_worker(
+    settings: Settings, embedder: Any, *, sink: Any = None, cache: Any = None, metrics: Metrics | None = None, observer: Any = None
+) -> AsyncIterator[Worker]:
     metrics = metrics or Metrics()
     sink = sink or make_sink(settings)
-    worker = Worker(settings, embedder=embedder, sink=sink, cache=cache if cache is not None else make_cache(settings, metrics), metrics=metrics)
+    worker = Worker(
+        settings, embedder=embedder, sink=sink, cache=cache if cache is not None else make_cache(settings, metrics),
+        metrics=metrics, observer=observer,
+    )
     task = asyncio.create_task(worker.run())
     try:
         await wait_until(lambda: task.done() or worker.started.is_set(), timeout=30, what="worker start")
@@ -229,3 +234,52 @@ async def running_worker(settings: Settings, embedder: Any, *, sink: Any = None,
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, timeout=60)
+
+
+class LatencyProxy:
+    """A TCP proxy that delays every chunk it forwards by a random time: a remote Redis, here.
+
+    Runs on the test's event loop; the worker (in process or not) connects to `url`.
+    """
+
+    def __init__(self, target_host: str, target_port: int, *, max_delay_seconds: float = 0.005, seed: int = 0) -> None:
+        import random
+
+        self.target = (target_host, target_port)
+        self.max_delay_seconds = max_delay_seconds
+        self._random = random.Random(seed)
+        self._server: Any = None
+        self.port = 0
+
+    async def __aenter__(self) -> "LatencyProxy":
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    await asyncio.sleep(self._random.uniform(0, self.max_delay_seconds))  # injected latency
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)

@@ -34,8 +34,8 @@ TEXTS = [
     "Rate limits apply per API key and reset at the start of every minute.",
 ]
 
-MALFORMED: list[bytes | None] = [b"not json", b"[1, 2]", b'{"id": "x"}', b"\xff\xfe", None]
-MALFORMED_KINDS = ["invalid_json", "not_an_object", "missing_text", "invalid_utf8", "missing_id"]
+MALFORMED: list[bytes | None] = [b"not json", b"[1, 2]", b'{"id": "x"}', b"\xff\xfe", b'{"id": "x", "op": "merge"}']
+MALFORMED_KINDS = ["invalid_json", "not_an_object", "missing_text", "invalid_utf8", "invalid_op"]
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
@@ -79,9 +79,8 @@ async def test_faust_worker_end_to_end(services, embedder, tmp_path):
     texts = [f"{text} [{marker}]" for text in TEXTS]
     count = 30
     valid = [event(f"id-{i}", texts[i % len(texts)], n=i) for i in range(count)]
-    values = valid + MALFORMED
-    # The null value has no key: a tombstone naming no document is a dead letter (missing_id).
-    keys = [f"k{i}".encode() if value is not None else None for i, value in enumerate(values)]
+    values = valid + MALFORMED + [None]  # the last: a tombstone, deleting the document named by its key
+    keys = [f"k{i}".encode() for i in range(len(values))]
     await produce(settings, values, keys=keys)
 
     log_path = tmp_path / "worker.log"
@@ -92,7 +91,7 @@ async def test_faust_worker_end_to_end(services, embedder, tmp_path):
         )
     try:
         try:
-            results = await read_topic(settings, settings.output_topic, expect=count, timeout=60)
+            results = await read_topic(settings, settings.output_topic, expect=count + 1, timeout=60)
             dead = await read_topic(settings, settings.dlq_topic, expect=len(MALFORMED), timeout=20)
 
             async def all_committed() -> bool:
@@ -111,6 +110,10 @@ async def test_faust_worker_end_to_end(services, embedder, tmp_path):
 
     # One result per valid input, keyed by the event id.
     bodies = [orjson.loads(record.value) for record in results]
+    deleted = [b for b in bodies if b["status"] == "deleted"]
+    assert deleted == [{"id": f"k{len(values) - 1}", "status": "deleted", "collection": settings.collection, "chunks": 0}]
+    results = [r for r, b in zip(results, bodies) if b["status"] != "deleted"]
+    bodies = [b for b in bodies if b["status"] != "deleted"]
     assert len(results) == count
     assert sorted(b["id"] for b in bodies) == sorted(f"id-{i}" for i in range(count))
     for record, body in zip(results, bodies):
