@@ -418,6 +418,10 @@ def replay_embed_calls(embedder: Any, calls: Sequence[tuple[float, float, list[s
 # ---- worker runs -------------------------------------------------------------------------------
 
 
+BACKEND: Any = None
+"""The Kafka backend of workers the bench starts (None: the default); `client_overrides` swaps it."""
+
+
 def _bench_worker_class():
     from streams.runtime import Worker, WorkerObserver
 
@@ -542,7 +546,7 @@ async def run_worker_backlog(
     metrics = Metrics()
     timed = TimedEmbedder(embedder or ctx.embedder)
     worker = _bench_worker_class()(
-        settings, embedder=timed, sink=parts.sink, cache=parts.cache, metrics=metrics, target=len(texts),
+        settings, embedder=timed, sink=parts.sink, cache=parts.cache, metrics=metrics, target=len(texts), backend=BACKEND,
     )
     load_before = load_average()
     native_before = native_threads()

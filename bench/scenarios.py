@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import time
 from typing import Any, Awaitable, Callable
 
 import numpy as np
 
+from bench import harness
 from bench.harness import (
     Context,
     CpuMeter,
@@ -449,33 +449,29 @@ async def _steady_producer(settings: Any, values: list[bytes], rate: float) -> f
 @contextlib.contextmanager
 def client_overrides(overrides: dict[str, dict[str, Any]] | None):
     """What-if only: extra aiokafka options ({"consumer": {...}, "producer": {...}}) for
-    the Kafka clients of workers started inside (it swaps streams.runtime's factories)."""
+    the Kafka clients of workers started inside (through the Worker's `backend`)."""
+    from bench import harness
+    from streams.backends.kafka import KafkaBackend
+
     if not overrides:
         yield
         return
-    import streams.runtime as runtime
-
-    originals = {"consumer": runtime.make_consumer, "producer": runtime.make_producer}
-
-    def wrap(kind: str) -> Callable[..., Any]:
-        return lambda settings, **kw: originals[kind](settings, **{**overrides.get(kind, {}), **kw})
-
-    runtime.make_consumer, runtime.make_producer = wrap("consumer"), wrap("producer")
+    previous = harness.BACKEND
+    harness.BACKEND = KafkaBackend(consumer_overrides=overrides.get("consumer", {}), producer_overrides=overrides.get("producer", {}))
     try:
         yield
     finally:
-        runtime.make_consumer, runtime.make_producer = originals["consumer"], originals["producer"]
+        harness.BACKEND = previous
 
 
 def shipped_client_options() -> dict[str, Any]:
-    """The latency-relevant options the Worker's Kafka clients get today."""
-    import inspect
+    """The latency-relevant options the Worker's Kafka clients get today (read as data)."""
+    from streams.backends.kafka import consumer_options, producer_options
+    from streams.config import load_settings
 
-    from streams import kafka
-
-    found = re.search(r"linger_ms\s*=\s*(\d+)", inspect.getsource(kafka.make_producer))
-    return {"consumer_fetch_max_wait_ms": _default("fetch_max_wait_ms"),
-            "producer_linger_ms": int(found.group(1)) if found else 0}  # aiokafka's default is 0
+    settings = load_settings({}, environ={})
+    return {"consumer_fetch_max_wait_ms": consumer_options(settings)["fetch_max_wait_ms"],
+            "producer_linger_ms": producer_options(settings)["linger_ms"]}
 
 
 async def _latency_window(ctx: Context, pool: list[str], rng: random.Random, rate: float, duration: float,
@@ -489,7 +485,8 @@ async def _latency_window(ctx: Context, pool: list[str], rng: random.Random, rat
     values = encode_events(texts, settings.collection)
     parts = WorkerParts(ctx, settings)
     metrics = Metrics()
-    worker = _bench_worker_class()(settings, embedder=ctx.embedder, sink=parts.sink, cache=parts.cache, metrics=metrics, target=warmup + count)
+    worker = _bench_worker_class()(settings, embedder=ctx.embedder, sink=parts.sink, cache=parts.cache, metrics=metrics,
+                                   target=warmup + count, backend=harness.BACKEND)
     sample = metrics.registry.get_sample_value
     with client_overrides(consumer):
         task = asyncio.create_task(worker.run())

@@ -303,6 +303,10 @@ class Pipeline:
         while True:
             alive = [w for i, w in writes if live is None or live(i)]
             if not alive:
+                if attempt:
+                    # No write of ours is failing any more: an unhealthy mark left here would
+                    # pause the consumer with nothing to retry, for good.
+                    self.hooks.on_sink_state(True)
                 return
             try:
                 started = time.perf_counter()

@@ -279,6 +279,10 @@ def encode_dead_letter(
         body["payload_truncated"] = True
         body["payload_size"] = len(payload)
         body["payload_sha256"] = hashlib.sha256(payload).hexdigest()
+        if not kept:
+            body["payload"] = None
+            body["payload_encoding"] = "none"
+            return orjson.dumps(body)
     try:
         # A cut may split a UTF-8 sequence: drop the partial character rather than go base64.
         if kept is payload:

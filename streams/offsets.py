@@ -58,6 +58,18 @@ class OffsetTracker:
             if part.committable is not None and part.committable != part.committed
         }
 
+    def advance_idle(self, tp: Hashable, position: int) -> bool:
+        """With nothing of `tp` unfinished, move its commit point to the consumer's position.
+
+        Past records the consumer never sees (transaction markers) the finished prefix stops
+        short of the log end; the position does not. True when the commit point moved.
+        """
+        part = self._partitions.get(tp)
+        if part is None or part.pending or part.committable is None or position <= part.committable:
+            return False
+        part.committable = position
+        return True
+
     def mark_committed(self, offsets: dict[Hashable, int]) -> None:
         for tp, offset in offsets.items():
             if tp in self._partitions:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 import psutil
 from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 
 from processors.cache import VectorCache
 from processors.embedder import Embedder
@@ -39,7 +39,8 @@ from schemas import InputEvent, InvalidEvent, Limits, SourcePosition, decode_inp
 from streams.batching import BatchPolicy, Batcher
 from streams.config import Settings
 from streams.flow import FlowController, FlowSignals, Watermarks
-from streams.kafka import make_consumer, make_producer
+from streams.backends import Backend
+from streams.backends.kafka import KafkaBackend
 from streams.memory import release_free_memory, tune_allocator
 from streams.metrics import Metrics
 from streams.offsets import OffsetTracker
@@ -129,7 +130,9 @@ class Worker:
     """One consumer-group member running the embedding pipeline.
 
     Keyword-only: `embedder`, `sink`, `cache` (None: no cache), `metrics` (default: a
-    fresh registry). `settings` carries everything else (see `streams.config.OPTIONS`).
+    fresh registry), `observer` (measurement hooks), `backend` (default: aiokafka;
+    `streams.backends.memory.MemoryBroker` in unit tests). `settings` carries everything
+    else (see `streams.config.OPTIONS`).
     """
 
     def __init__(
@@ -141,8 +144,10 @@ class Worker:
         cache: VectorCache | None = None,
         metrics: Metrics | None = None,
         observer: WorkerObserver | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self.settings = settings
+        self.backend: Backend = backend or KafkaBackend()
         self.observer = observer or WorkerObserver()
         self.metrics = metrics or Metrics()
         self.stats = RunStats()
@@ -250,8 +255,8 @@ class Worker:
         s = self.settings
         if s.memory_budget_bytes:
             tune_allocator()
-        self._consumer = make_consumer(s)
-        self._producer = make_producer(s)
+        self._consumer = self.backend.consumer(s)
+        self._producer = self.backend.producer(s)
         try:
             await self._producer.start()
             await self._consumer.start()
@@ -272,6 +277,8 @@ class Worker:
         finally:
             await self._close_clients()
             await self.pipeline.close()
+        if isinstance(self._fatal, WorkerError):
+            raise self._fatal
         if self._fatal is not None:
             raise WorkerError(f"worker stopped on an unexpected error: {self._fatal!r}") from self._fatal
 
@@ -301,11 +308,18 @@ class Worker:
                 for message in messages:
                     self._accept(tp, message)
                 highwater = consumer.highwater(tp)
-                if highwater is None or messages[-1].offset + 1 < highwater:
+                if highwater is None or (messages[-1].offset + 1 < highwater and not await self._at_end(tp, highwater)):
                     caught_up = False
             if caught_up and sum(map(len, records.values())) < self.settings.fetch_max_records:
                 self.batcher.close_now()
             self._launch_ready(time.monotonic())
+
+    async def _at_end(self, tp: TopicPartition, highwater: int) -> bool:
+        """Whether the consumer's position reached `highwater` (past trailing transaction markers)."""
+        try:
+            return await self._consumer.position(tp) >= highwater
+        except (KafkaError, AssertionError, KeyError, IllegalStateError):
+            return False
 
     def _accept(self, tp: TopicPartition, message: Any) -> None:
         self.observer.on_consumed()
@@ -381,7 +395,10 @@ class Worker:
         task.add_done_callback(done)
 
     def _fail(self, exc: BaseException | None) -> None:
-        log.error("stopping on an unexpected error", exc_info=exc)
+        if isinstance(exc, WorkerError):
+            log.error("stopping: %s", exc)  # a known fault: one line, no traceback
+        else:
+            log.error("stopping on an unexpected error", exc_info=exc)
         self._fatal = exc
         self._stop.set()
 
@@ -580,16 +597,30 @@ class Worker:
             self.stats.max_rss_bytes = max(self.stats.max_rss_bytes, self._rss)
             self.metrics.rss_bytes.set(self._rss)
             await self.commit()
-            self._update_lag()
+            await self._update_lag(timeout=max(0.05, interval))
 
-    def _update_lag(self) -> None:
+    async def _update_lag(self, *, timeout: float) -> None:
+        """Lag from the larger of the fetch highwater and ListOffsets' log end.
+
+        Paused partitions are not fetched, so their highwater freezes while the backlog
+        grows; ListOffsets still sees it (on some brokers only as a lower bound, hence the max).
+        """
         now = time.time()
-        for tp in self._consumer.assignment():
+        assignment = list(self._consumer.assignment())
+        ends: dict[TopicPartition, int] = {}
+        try:
+            if assignment:
+                async with asyncio.timeout(timeout):
+                    ends = await self._consumer.end_offsets(assignment)
+        except (KafkaError, asyncio.TimeoutError, AssertionError):
+            ends = {}
+        for tp in assignment:
             highwater = self._consumer.highwater(tp)
+            log_end = max(highwater or 0, ends.get(tp) or 0) if (highwater is not None or tp in ends) else None
             committed = self.tracker.committed(tp)
-            if highwater is None or committed is None:
+            if log_end is None or committed is None:
                 continue
-            lag = max(0, highwater - committed)
+            lag = max(0, log_end - committed)
             self._lag[tp] = lag
             oldest = self.tracker.oldest_pending_timestamp(tp)
             if oldest is not None:
@@ -608,6 +639,15 @@ class Worker:
         async with self._commit_lock:
             assignment = self._consumer.assignment()
             wanted = [tp for tp in (assignment if tps is None else tps)]
+            for tp in wanted:
+                if self.tracker.pending_count(tp) == 0 and tp in assignment and tp in self._epochs:
+                    try:
+                        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+                        async with asyncio.timeout(1.0):
+                            position = await self._consumer.position(tp)
+                        self.tracker.advance_idle(tp, position)
+                    except (KafkaError, asyncio.TimeoutError, AssertionError, KeyError, IllegalStateError):
+                        pass
             offsets = self.tracker.to_commit(wanted)
             if not offsets:
                 return

@@ -8,7 +8,6 @@ integration tests in test_mirror.py run the same property with the real model an
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import threading
 from typing import Any, Sequence
@@ -19,85 +18,12 @@ from hypothesis import HealthCheck, settings as hsettings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from processors.chunking import plan_chunks
-from processors.embedder import Embeddings
 from processors.ordering import Sequencer
 from processors.pipeline import Pipeline, PipelineHooks
 from processors.sink import QdrantSink
 from schemas import InputEvent, content_hash, point_id
+from fakes import DIM, GatedCache, WordEmbedder, vector_of  # noqa: F401
 from support import unique
-
-DIM = 8
-
-
-def vector_of(text: str) -> np.ndarray:
-    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
-    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
-    return v / np.linalg.norm(v)
-
-
-class WordEmbedder:
-    """One token per word; a text of more than `max_tokens - 2` words is long. No I/O, no model."""
-
-    name, dim, device, version, special_tokens = "words", DIM, "cpu", None, 2
-
-    def __init__(self, *, max_tokens: int = 10, poison: str = "POISON") -> None:
-        self.max_tokens = max_tokens
-        self.poison = poison
-        self.calls: list[list[str]] = []
-        self.gate: threading.Event | None = None
-
-    def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
-        out = []
-        for text in texts:
-            spans, i = [], 0
-            for word in text.split(" "):
-                if word:
-                    spans.append((i, i + len(word)))
-                i += len(word) + 1
-            out.append(spans)
-        return out
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(s) + 2 for s in self.token_offsets(texts)]
-
-    def estimate_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    def embed(self, texts: Sequence[str], token_counts: Sequence[int] | None = None) -> Embeddings:
-        self.calls.append(list(texts))
-        if self.gate is not None and len(texts) == 1 and not any(self.poison in t for t in texts):
-            self.gate.wait(10)  # the older batch's split rounds wait for the newer batch
-        if any(self.poison in t for t in texts):
-            raise ValueError("poison")
-        return Embeddings(np.stack([vector_of(t) for t in texts]), [False] * len(texts))
-
-
-class GatedCache:
-    """A dict cache whose lookups or fills of chosen hashes wait on a gate."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, np.ndarray] = {}
-        self.get_gates: dict[str, asyncio.Event] = {}
-        self.set_gates: dict[str, asyncio.Event] = {}
-
-    async def get_many(self, hashes: Sequence[str], dim: int) -> list[np.ndarray | None]:
-        for h in hashes:
-            if h in self.get_gates:
-                await self.get_gates[h].wait()
-        return [self.values.get(h) for h in hashes]
-
-    async def set_many(self, items: Sequence[tuple[str, np.ndarray]]) -> None:
-        for h, _ in items:
-            if h in self.set_gates:
-                await self.set_gates[h].wait()
-        self.values.update(items)
-
-    async def healthy(self) -> bool:
-        return True
-
-    async def close(self) -> None:
-        return None
-
 
 def prepared_signal() -> tuple[PipelineHooks, list[int]]:
     """`on_cache` is the last thing a batch does before it waits for its turn to write."""

@@ -346,3 +346,30 @@ def test_memory_pause_releases_once_nothing_is_buffered():
     assert flow.update(_signals(rss_bytes=950, buffered_messages=10)) == {"memory"}
     assert flow.update(_signals(rss_bytes=950, buffered_messages=3)) == {"memory"}
     assert flow.update(_signals(rss_bytes=950, buffered_messages=0)) == set()
+
+
+def test_dead_letter_payload_is_capped_with_its_size_and_hash():
+    import hashlib
+
+    source = SourcePosition(topic="t", partition=0, offset=1)
+    for payload in (b"\x01" * 180_000, bytes(range(256)) * 3200, "é".encode() * 50_000):
+        raw = encode_dead_letter(kind="k", message="m", source=source, payload=payload, max_payload_bytes=65_536)
+        letter = orjson.loads(raw)
+        assert len(raw) < 100_000  # fits any broker's default message size
+        assert letter["payload_truncated"] is True and letter["payload_size"] == len(payload)
+        assert letter["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+    small = orjson.loads(encode_dead_letter(kind="k", message="m", source=source, payload=b"ok"))
+    assert small["payload"] == "ok" and "payload_truncated" not in small
+    bare = orjson.loads(encode_dead_letter(kind="k", message="m", source=source, payload=b"ok", max_payload_bytes=0))
+    assert bare["payload"] is None and bare["payload_size"] == 2
+
+
+def test_tombstones_and_delete_events_decode_as_deletes():
+    from schemas import decode_tombstone
+
+    assert decode_input(None, key=b"doc-1") == InputEvent(id="doc-1", text="", op="delete")
+    assert decode_input(b'{"id": "doc-1", "op": "delete"}').is_delete
+    assert decode_input(b'{"id": "doc-1", "text": "t", "op": "upsert"}').text == "t"
+    with pytest.raises(InvalidEvent) as caught:
+        decode_tombstone(b"\xff")
+    assert caught.value.kind == "invalid_id"
