@@ -365,7 +365,7 @@ def test_dead_letter_payload_is_capped_with_its_size_and_hash():
 
 
 def test_tombstones_and_delete_events_decode_as_deletes():
-    from schemas import decode_tombstone
+    from schemas import InputEvent, decode_tombstone
 
     assert decode_input(None, key=b"doc-1") == InputEvent(id="doc-1", text="", op="delete")
     assert decode_input(b'{"id": "doc-1", "op": "delete"}').is_delete
