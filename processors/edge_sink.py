@@ -40,6 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from processors.threaded import ThreadedStore
 from processors.sink import PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredPoint
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class _Shared:
         self.closed = False
 
 
-class EdgeSink:
+class EdgeSink(ThreadedStore):
     """Qdrant Edge, embedded and on disk.
 
     Keyword-only settings:
@@ -83,24 +84,19 @@ class EdgeSink:
         self.location = path
         self._shared = _Shared(os.path.abspath(path), flush_interval_seconds)
 
-    def for_collection(self, collection: str) -> "EdgeSink":
-        """The same store (thread, open shards) on another collection.
-
-        Close only the original: the view shares its thread; closing either closes all shards.
-        """
-        _check_name(collection)
-        view = object.__new__(EdgeSink)
-        view.__dict__.update(self.__dict__)
-        view.collection = collection
-        return view
-
     # ---- plumbing (everything below `_call` runs on the executor thread) -----------------
+    # `for_collection` (ThreadedStore): a view shares the thread and the open shards; closing
+    # either closes all shards.
 
-    async def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+    def _executor(self) -> ThreadPoolExecutor:
+        return self._shared.executor
+
+    def _check_open(self) -> None:
         if self._shared.closed:
             raise RuntimeError(f"the edge store at {self.location} is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._shared.executor, lambda: function(*args, **kwargs))
+
+    def _check_collection(self, collection: str) -> None:
+        _check_name(collection)
 
     def _dir(self) -> str:
         return os.path.join(self._shared.path, self.collection)

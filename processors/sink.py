@@ -8,7 +8,6 @@ the event loop, and one thread keeps upserts in submission order (last write win
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from processors.threaded import ThreadedStore
 from schemas import point_id
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,18 @@ class Hit:
 
 
 class VectorSink(Protocol):
+    """The one store interface every engine implements (Qdrant server, qdrant-client local, qdrant-edge)."""
+
     collection: str
+    location: str
+
+    def for_collection(self, collection: str) -> "VectorSink":
+        """The same engine on another collection (close only the original)."""
+        ...
+
+    async def vector_size(self) -> int | None:
+        """The collection's vector size, or None when it does not exist."""
+        ...
 
     async def ensure_collection(self, dim: int) -> None: ...
 
@@ -75,12 +86,18 @@ class VectorSink(Protocol):
         """Every point (tests, re-embedding, checks)."""
         ...
 
+    async def retrieve(self, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]: ...
+
+    async def scroll_ids(self) -> list[str]: ...
+
     async def search(self, vector: np.ndarray, limit: int = 5) -> list[Hit]: ...
+
+    async def healthy(self) -> bool: ...
 
     async def close(self) -> None: ...
 
 
-class QdrantSink:
+class QdrantSink(ThreadedStore):
     """Qdrant through qdrant-client.
 
     Keyword-only settings:
@@ -104,24 +121,25 @@ class QdrantSink:
         if url and path:
             raise SinkConfigError("give a Qdrant url or a path, not both")
         self.collection = collection
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant")
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant")
         self._server = bool(url)
         if url:
             self._client = QdrantClient(url=url, api_key=api_key, timeout=int(timeout_seconds))
             self.location = url
         else:
-            self._client = QdrantClient(path=path) if path else QdrantClient(location=":memory:")
+            try:
+                self._client = QdrantClient(path=path) if path else QdrantClient(location=":memory:")
+            except RuntimeError as exc:
+                if "already accessed" in str(exc):  # qdrant-client's own wording for a locked path
+                    raise SinkConfigError(
+                        f"the Qdrant store {path} is open in another process (one process per path: "
+                        "stop the worker first, or use a Qdrant server)"
+                    ) from None
+                raise
             self.location = path or ":memory:"
 
-    def for_collection(self, collection: str) -> "QdrantSink":
-        """The same client on another collection (an embedded path allows one client per process).
-
-        Close only the original: the view shares its client and thread.
-        """
-        view = object.__new__(QdrantSink)
-        view.__dict__.update(self.__dict__)
-        view.collection = collection
-        return view
+    def _executor(self) -> ThreadPoolExecutor:
+        return self._thread
 
     async def vector_size(self) -> int | None:
         """The collection's vector size, or None when it does not exist."""
@@ -136,10 +154,6 @@ class QdrantSink:
             return int(size)
 
         return await self._call(size)
-
-    async def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: function(*args, **kwargs))
 
     async def ensure_collection(self, dim: int) -> None:
         from qdrant_client import models
@@ -289,4 +303,4 @@ class QdrantSink:
         try:
             await self._call(self._client.close)
         finally:
-            self._executor.shutdown(wait=False)
+            self._thread.shutdown(wait=False)

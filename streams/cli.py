@@ -109,7 +109,7 @@ def _print_json(value: Any) -> None:
 
 async def _run_worker(settings: Settings) -> int:
     from processors.sink import SinkConfigError
-    from streams.factory import build_cache, build_embedder, build_sink
+    from streams.assembly import assemble
     from streams.metrics import Metrics
     from streams.runtime import Worker, WorkerError
 
@@ -136,22 +136,15 @@ async def _run_worker(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     log.info("loading model %s on %s", settings.model, settings.device)
-    embedder = await loop.run_in_executor(None, build_embedder, settings)  # off the loop: seconds of work
-    if not settings.qdrant_url and not settings.qdrant_path:
-        log.warning("no EMBEDWORKER_QDRANT_URL or EMBEDWORKER_QDRANT_PATH: vectors are kept in memory only")
-    sink, cache = build_sink(settings), build_cache(settings, metrics)
-    worker = Worker(settings, embedder=embedder, sink=sink, cache=cache, metrics=metrics)
-    workers.append(worker)
-    if signals["count"]:
-        worker.request_stop()  # asked to stop while starting: run() commits nothing and returns
     try:
-        await worker.run()
-    except (SinkConfigError, WorkerError) as exc:
+        async with assemble(settings, metrics=metrics) as parts:
+            worker = parts.worker()
+            workers.append(worker)
+            if signals["count"]:
+                worker.request_stop()  # asked to stop while starting: run() commits nothing and returns
+            await worker.run()
+    except (SinkConfigError, WorkerError, ConfigError) as exc:
         raise UserError(str(exc)) from None
-    finally:
-        if cache is not None:
-            await cache.close()
-        await sink.close()
     log.info("stopped cleanly: %d processed, %d dead letters", worker.stats.processed, worker.stats.dead_letters)
     return 0
 

@@ -33,14 +33,14 @@ async def _wait(condition, *, timeout: float, what: str) -> None:
 async def run_demo(settings: Settings, *, count: int = 1200) -> int:
     from tqdm import tqdm
 
+    from streams.assembly import assemble
     from streams.devstack import LocalBroker, LocalRedis
-    from streams.factory import build_cache, build_embedder, build_sink
     from streams.kafka import ensure_topics, make_producer
-    from streams.metrics import Metrics
-    from streams.runtime import Worker
 
     out = sys.stdout
-    with contextlib.ExitStack() as stack:
+    async with contextlib.AsyncExitStack() as stack_async:
+        stack = contextlib.ExitStack()
+        stack_async.enter_context(stack)
         changes: dict[str, Any] = {"metrics_port": 0}
         if settings.bootstrap_servers == "localhost:9092" and "EMBEDWORKER_BOOTSTRAP_SERVERS" not in __import__("os").environ:
             broker = stack.enter_context(LocalBroker())
@@ -56,12 +56,10 @@ async def run_demo(settings: Settings, *, count: int = 1200) -> int:
         await ensure_topics(settings, {settings.input_topic: 4, settings.output_topic: 4, settings.dlq_topic: 1})
         print("loading model ...", file=out)
         loop = asyncio.get_running_loop()
-        embedder = await loop.run_in_executor(None, build_embedder, settings)
+        parts = await stack_async.enter_async_context(assemble(settings))
+        embedder, sink = parts.embedder, parts.sink
         print(f"model {embedder.name} on {embedder.device} (dim {embedder.dim})", file=out)
-        metrics = Metrics()
-        sink = build_sink(settings)
-        cache = build_cache(settings, metrics)
-        worker = Worker(settings, embedder=embedder, sink=sink, cache=cache, metrics=metrics)
+        worker = parts.worker()
         task = asyncio.create_task(worker.run())
         await _wait(lambda: task.done() or bool(worker.lag_records()) or worker.started.is_set(), timeout=60, what="the worker to start")
 
@@ -109,14 +107,20 @@ async def run_demo(settings: Settings, *, count: int = 1200) -> int:
         for query in QUERIES:
             vector = (await loop.run_in_executor(None, embedder.embed, [query])).vectors[0]
             print(f"\nsearch: {query!r}", file=out)
-            for hit in await sink.search(vector, limit=3):
-                text = str(hit.payload.get("text", ""))
-                print(f"  {hit.score:.3f}  {hit.payload.get('id')}  {text[:90]}", file=out)
+            # The sample corpus repeats its sentences: show distinct texts, best chunk of each.
+            shown: set[str] = set()
+            for hit in await sink.search(vector, limit=40):
+                text = " ".join(str(hit.payload.get("text", "")).split())
+                if text in shown:
+                    continue
+                shown.add(text)
+                count = hit.payload.get("chunk_count", 1)
+                where = f" [chunk {hit.payload.get('chunk_index', 0) + 1}/{count}]" if isinstance(count, int) and count > 1 else ""
+                print(f"  {hit.score:.3f}  {hit.payload.get('id')}{where}  {text[:90]}", file=out)
+                if len(shown) == 3:
+                    break
 
         worker.request_stop()
         await task
-        await sink.close()
-        if cache is not None:
-            await cache.close()
         print("\nstopped every process the demo started", file=out)
     return 0

@@ -6,12 +6,15 @@ twin of `stream.take`: the same buffer, but each value comes with its message, w
 topic, partition and offset a dead letter must name). Every value is decoded with
 `schemas.decode_input`; bad input becomes one dead letter, with the main runtime's
 envelope (`encode_dead_letter`). Valid events go through the shared
-`processors.pipeline.Pipeline` (Redis content-hash cache, embedding, Qdrant upsert: the
-very code the main runtime uses), then one result per event goes to
-`EMBEDWORKER_OUTPUT_TOPIC` (key: the event id), and a dead letter per text the model could
-not embed. Results and dead letters are published and their acknowledgements awaited
-(retried with backoff until they land) before the batch's events are acknowledged to
-Faust, and Faust commits only acknowledged offsets: at-least-once, as in the main runtime.
+`processors.pipeline.Pipeline` (Redis content-hash cache, embedding, Qdrant writes: the
+very code the main runtime uses; tombstones and `"op": "delete"` delete, long texts are
+chunked), then one result per event goes to `EMBEDWORKER_OUTPUT_TOPIC` (key: the event
+id), and a dead letter per text the model could not embed. Results and dead letters go
+through the main runtime's `streams.steps.publish.Publisher` (acknowledgements awaited,
+retriable errors retried with backoff, a refused dead letter sent without its payload)
+before the batch's events are acknowledged to Faust, and Faust commits only acknowledged
+offsets: at-least-once, as in the main runtime. One batch at a time keeps every id's
+writes and results in offset order.
 
 Safety net: `take_events` acknowledges its buffered events in a `finally`, so a batch
 abandoned by an exception or a cancellation would otherwise be committed without
@@ -60,6 +63,7 @@ id), and Faust keeps a `<group id>-data` directory under the working directory
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from typing import Any, Sequence
@@ -69,12 +73,12 @@ from mode import CrashingSupervisor
 
 from processors.cache import VectorCache
 from processors.embedder import Embedder
-from processors.backoff import Backoff
 from processors.pipeline import Outcome, Pipeline
 from processors.sink import VectorSink
-from schemas import InvalidEvent, Limits, SourcePosition, decode_input, encode_dead_letter
+from schemas import InvalidEvent, Limits, SourcePosition, decode_input
 from streams.config import ConfigError, Settings, load_settings
 from streams.kafka import security_kwargs
+from streams.steps.publish import OutRecord, Publisher, dead_letter_record, split_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -127,29 +131,23 @@ class _Runtime:
         self.sink = sink
         self.cache = cache
         self.pipeline: Pipeline | None = None
-        self._owned: list[Any] = []
+        self._parts = contextlib.AsyncExitStack()  # what `assemble` built, closed on shutdown
         self._start_lock = asyncio.Lock()
-        self._send_backoff = Backoff(base_seconds=0.2, cap_seconds=5.0)
+        # The main runtime's publishing: every acknowledgement awaited, retriable errors retried,
+        # a refused dead letter sent without its payload, anything else a stop.
+        self.publisher = Publisher(send=self._send)
 
     async def start(self) -> Pipeline:
         async with self._start_lock:
             if self.pipeline is not None:
                 return self.pipeline
-            from streams.factory import build_cache, build_embedder, build_sink
+            from streams.assembly import assemble
 
             s = self.settings
-            if self.embedder is None:
-                loop = asyncio.get_running_loop()
-                self.embedder = await loop.run_in_executor(None, build_embedder, s)  # seconds of work
-            if self.sink is None:
-                if not s.qdrant_url and not s.qdrant_path:
-                    log.warning("no EMBEDWORKER_QDRANT_URL or EMBEDWORKER_QDRANT_PATH: vectors are kept in memory only")
-                self.sink = build_sink(s)
-                self._owned.append(self.sink)
-            if self.cache is None:
-                self.cache = build_cache(s)
-                if self.cache is not None:
-                    self._owned.append(self.cache)
+            parts = await self._parts.enter_async_context(
+                assemble(s, embedder=self.embedder, sink=self.sink, cache=self.cache)
+            )
+            self.embedder, self.sink, self.cache = parts.embedder, parts.sink, parts.cache
             pipeline = Pipeline(
                 embedder=self.embedder, sink=self.sink, cache=self.cache, store_text=s.store_text,
                 long_text=s.long_text, chunk_overlap_tokens=s.chunk_overlap_tokens,
@@ -166,12 +164,7 @@ class _Runtime:
         pipeline, self.pipeline = self.pipeline, None
         if pipeline is not None:
             await pipeline.close()
-        for part in reversed(self._owned):
-            try:
-                await part.close()
-            except Exception as exc:
-                log.warning("closing %s failed: %s", type(part).__name__, type(exc).__name__)
-        self._owned.clear()
+        await self._parts.aclose()
 
     async def handle(self, events: Sequence[Any]) -> None:
         """One batch: decode, process, publish; its messages stay held until acknowledged."""
@@ -189,48 +182,25 @@ class _Runtime:
                 failures.append((message, exc.kind, exc.message))
 
         outcomes: list[Outcome] = await pipeline.process([e for _, e in valid]) if valid else []
-        out: list[tuple[Any, bytes | None, bytes]] = []
-        for (message, _), outcome in zip(valid, outcomes):
-            if outcome.result is not None:
-                out.append((self.output, outcome.event.id.encode("utf-8"), outcome.result.encode()))
-            else:
-                failures.append((message, outcome.error_kind or "error", outcome.error_message or ""))
+        results, failed = split_outcomes([(message, o) for (message, _), o in zip(valid, outcomes)])
+        failures.extend(failed)
+        out = [OutRecord(self.settings.output_topic, o.event.id.encode("utf-8"), o.result.encode()) for _, o in results]  # type: ignore[union-attr]
         for message, kind, text in failures:
             source = SourcePosition(topic=message.topic, partition=message.partition, offset=message.offset)
-            out.append((self.dlq, message.key, encode_dead_letter(
-                kind=kind, message=text, source=source, payload=message.value,
-                max_payload_bytes=self.settings.dlq_max_payload_bytes,
-            )))
-        await self._publish(out)
+            out.append(dead_letter_record(
+                topic=self.settings.dlq_topic, source=source, key=message.key, payload=message.value, kind=kind,
+                message=text, max_payload_bytes=self.settings.dlq_max_payload_bytes,
+            ))
+        await self.publisher.publish(out)
 
         for message in messages:
             message.decref()  # take_events' own ack now makes them committable
-        log.debug("batch of %d: %d results, %d dead letters", len(messages), len(out) - len(failures), len(failures))
+        log.debug("batch of %d: %d results, %d dead letters", len(messages), len(results), len(failures))
 
-    async def _publish(self, messages: list[tuple[Any, bytes | None, bytes]]) -> None:
-        """Send and await every acknowledgement, retrying failures with backoff (never gives up)."""
-        remaining, attempt = messages, 0
-        while remaining:
-            acks: list[Any] = []
-            for topic, key, value in remaining:
-                try:
-                    # force: publish now, never as a Faust "attachment" held until commit.
-                    acks.append(await topic.send(key=key, value=value, force=True))
-                except Exception as exc:
-                    acks.append(_failed(exc))
-            outcomes = await asyncio.gather(*acks, return_exceptions=True)
-            failed = [m for m, o in zip(remaining, outcomes) if isinstance(o, BaseException)]
-            if failed:
-                error = next(o for o in outcomes if isinstance(o, BaseException))
-                delay = self._send_backoff.delay(attempt)
-                log.warning("publishing %d events failed (%s); retry in %.2fs", len(failed), type(error).__name__, delay)
-                attempt += 1
-                await asyncio.sleep(delay)
-            remaining = failed
-
-
-async def _failed(exc: BaseException) -> None:
-    raise exc
+    def _send(self, topic: str, key: bytes | None, value: bytes) -> Any:
+        # force: publish now, never as a Faust "attachment" held until commit.
+        target = self.output if topic == self.settings.output_topic else self.dlq
+        return target.send(key=key, value=value, force=True)
 
 
 class _EmbedApp(faust.App):

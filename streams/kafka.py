@@ -8,7 +8,7 @@ under-report it.
 from __future__ import annotations
 
 import logging
-from typing import Any
+
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError

@@ -1,12 +1,15 @@
-"""The main runtime: fetch, decode, micro-batch, process, publish, commit.
+"""The main runtime: fetch, pause, rebalance, commit, drain; the steps do the rest.
 
-A message's life: fetched and registered in the `OffsetTracker`; decoded (bad input
-goes straight to the dead-letter topic; a tombstone or `"op": "delete"` is a delete);
-added to the `Batcher`; processed by the `Pipeline` in a batch task (up to
-`max_in_flight_batches` at once, so fetching, cache lookups, embedding and writes of
-different batches overlap); its result or dead letter is published and acknowledged; only
-then is it finished in the tracker, and the commit loop commits the finished prefix of
-each partition. Crashes therefore replay, never drop.
+A message's life: fetched and registered in the `OffsetTracker`; then through the steps
+(`streams/steps/`): `Decode` (bad input goes straight to `DeadLetters`; a tombstone or
+`"op": "delete"` is a delete), `Batch`, `EmbedAndStore` (the `Pipeline`, up to
+`max_in_flight_batches` batches at once, so fetching, cache lookups, embedding and writes of
+different batches overlap), `Publish` (its result or dead letter is acknowledged) and
+`Finish`; the commit loop commits the finished prefix of each partition. Crashes therefore
+replay, never drop.
+
+Owns: the consumer (fetching, pausing on the `FlowController`'s signals, rebalances,
+commits, lag) and the drain on shutdown. Must not: decode, batch, embed or publish itself.
 
 Order: a batch takes two turns when it is launched, one for the store and one for the
 result topic, so writes and results follow offset order whichever batch finishes first.
@@ -19,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -29,39 +31,33 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
 from processors.cache import VectorCache
-from processors.embedder import Embedder
-from processors.backoff import Backoff
-from processors.embedder import estimate_tokens
-from processors.ordering import Sequencer, Turn
+from processors.embedder import Embedder, estimate_tokens
 from processors.pipeline import LONG_TEXT_CHUNK, Outcome, Pipeline, PipelineHooks
 from processors.sink import VectorSink
-from schemas import InputEvent, InvalidEvent, Limits, SourcePosition, decode_input, encode_dead_letter
-from streams.batching import BatchPolicy, Batcher
-from streams.config import Settings
-from streams.flow import FlowController, FlowSignals, Watermarks
+from schemas import InputEvent, Limits
 from streams.backends import Backend
-from streams.backends.kafka import KafkaBackend
+from streams.backends.kafka import REBALANCE_TIMEOUT_MS, KafkaBackend
+from streams.batching import BatchPolicy, Batcher
+from streams.config import ConfigError, Settings
+from streams.flow import FlowController, FlowSignals, Watermarks
 from streams.memory import release_free_memory, tune_allocator
-from streams.metrics import Metrics
+from streams.metrics import PAUSE_REASONS, Metrics
 from streams.offsets import OffsetTracker
+from streams.steps import Fetched
+from streams.steps.batch import Batch
+from streams.steps.decode import Decode
+from streams.steps.embed_store import EmbedAndStore
+from streams.steps.finish import Finish
+from streams.steps.publish import DeadLetters, Publish, Publisher, PublishError as _PublishError
 
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.1
 _TRIM_INTERVAL_SECONDS = 1.0
+_LOGGED_PAUSE_SECONDS = 1.0
+"""Pauses shorter than this are counted but logged at DEBUG: a fast pipeline pauses often and briefly."""
 
-
-@dataclass(slots=True)
-class Fetched:
-    tp: TopicPartition
-    offset: int
-    timestamp: float
-    key: bytes | None
-    value: bytes | None
-    size: int
-    epoch: int = 0
-    """The assignment of its partition it was fetched under (see `Worker._live`)."""
-    event: InputEvent | None = None
+__all__ = ["Fetched", "PublishError", "RunStats", "Worker", "WorkerError", "WorkerObserver"]
 
 
 @dataclass(slots=True)
@@ -99,7 +95,7 @@ class WorkerError(Exception):
     """A fault the worker cannot go on from; it stops and the next start replays."""
 
 
-class PublishError(WorkerError):
+class PublishError(WorkerError, _PublishError):
     """A record the broker will never accept (not retriable) and that has no smaller form."""
 
 
@@ -146,6 +142,11 @@ class Worker:
         observer: WorkerObserver | None = None,
         backend: Backend | None = None,
     ) -> None:
+        if settings.shutdown_timeout_seconds / 2 >= REBALANCE_TIMEOUT_MS / 1000:
+            raise ConfigError(
+                "EMBEDWORKER_SHUTDOWN_TIMEOUT_SECONDS",
+                f"half of it (the revoke wait) must stay below the rebalance timeout ({REBALANCE_TIMEOUT_MS // 1000} s)",
+            )
         self.settings = settings
         self.backend: Backend = backend or KafkaBackend()
         self.observer = observer or WorkerObserver()
@@ -165,7 +166,6 @@ class Worker:
             embedder=embedder, sink=sink, cache=cache, store_text=settings.store_text, hooks=hooks,
             long_text=settings.long_text, chunk_overlap_tokens=settings.chunk_overlap_tokens,
         )
-        self._publish_order = Sequencer()
         self._epochs: dict[TopicPartition, int] = {}
         self._next_epoch = 1
         self.limits = Limits(max_message_bytes=settings.max_message_bytes, max_text_bytes=settings.max_text_bytes)
@@ -191,14 +191,30 @@ class Worker:
             in_flight_batches=Watermarks(high=2 * depth, low=depth),
             memory_bytes=Watermarks(high=0.9 * budget, low=0.8 * budget) if budget else None,
         )
-        self._batch_tasks: set[asyncio.Task[None]] = set()
-        self._side_tasks: set[asyncio.Task[None]] = set()
-        self._buffered_messages = 0
-        self._buffered_bytes = 0
+
+        # The steps, built back to front: each hands its work to the next.
+        self.finish = Finish(tracker=self.tracker)
+        self.publisher = Publisher(
+            send=lambda topic, key, value: self._producer.send(topic, value=value, key=key),
+            on_error=lambda kind, error: m.publish_errors.labels(kind=kind, error=error).inc(),
+        )
+        self.publish = Publish(
+            publisher=self.publisher, finish=self.finish, live=self.live,
+            output_topic=settings.output_topic, dlq_topic=settings.dlq_topic,
+            dlq_max_payload_bytes=settings.dlq_max_payload_bytes,
+            on_results=self._count_results, on_dead_letters=self._count_dead_letters,
+        )
+        self.dead_letters = DeadLetters(publish=self.publish, on_error=self._fail)
+        self.embed_store = EmbedAndStore(
+            pipeline=self.pipeline, publish=self.publish, live=self.live, depth=depth, on_error=self._fail,
+            on_slot_free=lambda: self.batch.poll(), on_batch=self._count_batch, on_batch_done=self._batch_done,
+        )
+        self.batch = Batch(batcher=self.batcher, next_step=self.embed_store)
+        self.decode = Decode(next_step=self.batch, dead_letters=self.dead_letters, limits=self.limits, tokens=self._tokens)
+
         self._rss = 0
         self._next_trim_at = 0.0
         self._process = psutil.Process()
-        self._send_backoff = Backoff(base_seconds=0.2, cap_seconds=5.0)
         self._lag: dict[TopicPartition, int] = {}
         self._last_commit_at: dict[TopicPartition, float] = {}
         self._commit_lock = asyncio.Lock()
@@ -208,6 +224,8 @@ class Worker:
         self._consumer: Any = None
         self._producer: Any = None
         self._paused = False
+        self._paused_since = 0.0
+        self._pause_logged = False
         self._aborting = False
         # Last commit seen per partition, kept across rebalances to notice a broker that lost its state.
         self._committed_before: dict[TopicPartition, int] = {}
@@ -221,6 +239,50 @@ class Worker:
 
     def _set_sink_state(self, healthy: bool) -> None:
         self._sink_healthy = healthy
+
+    def _count_batch(self, batch: list[Fetched]) -> None:
+        self.metrics.batch_size.observe(len(batch))
+        self.stats.batches += 1
+        self.stats.batch_sizes.append(len(batch))
+        self.metrics.in_flight_batches.set(self.embed_store_size())
+
+    def _batch_done(self, batch: list[Fetched], seconds: float) -> None:
+        self.metrics.batch_seconds.observe(seconds)
+        self.observer.on_batch_done(len(batch))
+
+    def embed_store_size(self) -> int:
+        return len(self.embed_store.tasks)
+
+    def _count_results(self, results: list[tuple[Fetched, Outcome]], finished_at: float) -> None:
+        for item, outcome in results:
+            self.stats.processed += 1
+            self.stats.cached += int(outcome.result.cached)  # type: ignore[union-attr]
+            self.stats.truncated += int(outcome.result.truncated)  # type: ignore[union-attr]
+            latency = max(0.0, finished_at - item.timestamp)
+            self.stats.latencies.append(latency)
+            self.metrics.end_to_end_seconds.observe(latency)
+        self.metrics.messages_processed.inc(len(results))
+        deletes = sum(1 for _, o in results if o.event.is_delete)
+        if deletes:
+            self.metrics.documents_deleted.inc(deletes)
+        self.observer.on_published([(item.tp, item.offset) for item, _ in results])
+
+    def _count_dead_letters(self, count: int, stage: str) -> None:
+        self.stats.dead_letters += count
+        self.metrics.messages_failed.inc(count)
+        self.metrics.messages_dead_lettered.labels(stage=stage).inc(count)
+
+    def _tokens(self, event: InputEvent) -> int:
+        """A batching estimate: a long text being chunked costs all its chunks."""
+        if event.is_delete:
+            return 1
+        if self.settings.long_text == LONG_TEXT_CHUNK:
+            return estimate_tokens(event.text)
+        return self.embedder.estimate_tokens(event.text)
+
+    def live(self, item: Fetched) -> bool:
+        """Whether `item` may still be written, published and finished: its partition's assignment is the one it came under."""
+        return self._epochs.get(item.tp) == item.epoch
 
     # ---- public ------------------------------------------------------------------------
 
@@ -241,7 +303,7 @@ class Worker:
         return dict(self._lag)
 
     def unfinished(self) -> int:
-        return self._buffered_messages
+        return self.finish.buffered_messages
 
     def assigned(self) -> set[TopicPartition]:
         """Partitions this member owns now (not fenced)."""
@@ -249,7 +311,7 @@ class Worker:
 
     @property
     def in_flight_batches(self) -> int:
-        return len(self._batch_tasks)
+        return len(self.embed_store.tasks)
 
     async def run(self) -> None:
         s = self.settings
@@ -279,24 +341,24 @@ class Worker:
             await self.pipeline.close()
         if isinstance(self._fatal, WorkerError):
             raise self._fatal
+        if isinstance(self._fatal, _PublishError):
+            raise PublishError(str(self._fatal)) from None
         if self._fatal is not None:
             raise WorkerError(f"worker stopped on an unexpected error: {self._fatal!r}") from self._fatal
 
-    # ---- fetch and batch ---------------------------------------------------------------
+    # ---- fetch -------------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
         consumer = self._consumer
         while not self._stop.is_set():
-            now = time.monotonic()
             self.batcher.adapt(sum(self._lag.values()))
             self.observer.on_fetch_round()
             self._apply_flow()
-            self._launch_ready(now)
-            # With every pipeline slot busy a due batch cannot start here: `_batch_done`
-            # starts it the moment a slot frees. Polling with a ~0 timeout meanwhile
+            self.batch.poll()
+            # With every pipeline slot busy a due batch cannot start here: a finishing batch
+            # starts it the moment its slot frees. Polling with a ~0 timeout meanwhile
             # spun the loop at ~1 kHz and took CPU from the model on small machines.
-            slot_free = len(self._batch_tasks) < self.settings.max_in_flight_batches
-            due = self.batcher.seconds_until_due(now) if slot_free else None
+            due = self.batch.seconds_until_due()
             timeout = _POLL_SECONDS if due is None else min(_POLL_SECONDS, due)
             # Called while paused too: it returns nothing for paused partitions but keeps
             # the consumer inside max_poll_interval, so the group never evicts us.
@@ -312,7 +374,7 @@ class Worker:
                     caught_up = False
             if caught_up and sum(map(len, records.values())) < self.settings.fetch_max_records:
                 self.batcher.close_now()
-            self._launch_ready(time.monotonic())
+            self.batch.poll()
 
     async def _at_end(self, tp: TopicPartition, highwater: int) -> bool:
         """Whether the consumer's position reached `highwater` (past trailing transaction markers)."""
@@ -335,209 +397,19 @@ class Worker:
         if not self.tracker.register(tp, message.offset, timestamp):
             return  # already in flight here (re-fetched after a seek)
         size = len(message.value or b"") + len(message.key or b"")
-        item = Fetched(tp, message.offset, timestamp, message.key, message.value, size)
-        self._buffered_messages += 1
-        self._buffered_bytes += size
+        item = Fetched(tp, message.offset, timestamp, message.key, message.value, size, self._epochs.get(tp, 0))
+        self.finish.admit(item)
         self.stats.consumed += 1
         self.metrics.messages_consumed.inc()
-        item.epoch = self._epochs.get(tp, 0)
-        try:
-            item.event = decode_input(message.value, self.limits, key=message.key)
-        except InvalidEvent as exc:
-            self._spawn_side(self._dead_letter([(item, exc.kind, exc.message)], stage="decode"))
-            return
-        self.batcher.add(item, self._tokens(item.event), time.monotonic())
-
-    def _tokens(self, event: InputEvent) -> int:
-        """A batching estimate: a long text being chunked costs all its chunks."""
-        if event.is_delete:
-            return 1
-        if self.settings.long_text == LONG_TEXT_CHUNK:
-            return estimate_tokens(event.text)
-        return self.embedder.estimate_tokens(event.text)
-
-    def _live(self, item: Fetched) -> bool:
-        """Whether `item` may still be written, published and finished: its partition's assignment is the one it came under."""
-        return self._epochs.get(item.tp) == item.epoch
-
-    def _launch_ready(self, now: float, *, drain: bool = False) -> None:
-        """Start due batches (every buffered one when draining) while pipeline slots are free."""
-        while len(self._batch_tasks) < self.settings.max_in_flight_batches and (
-            len(self.batcher) if drain else self.batcher.ready(now)
-        ):
-            batch = self.batcher.take(now)
-            # Both turns are taken here, before the task's first await: launch order is offset order.
-            write_turn, publish_turn = self.pipeline.take_turn(), self._publish_order.take()
-            task = asyncio.create_task(self._run_batch(batch, write_turn, publish_turn))
-            self._batch_tasks.add(task)
-            # A task cancelled before it ever ran skips its `finally`: end its turns here too.
-            task.add_done_callback(lambda _, w=write_turn, p=publish_turn: (w.end(), p.end()))
-            task.add_done_callback(self._batch_done)
-        self.metrics.in_flight_batches.set(len(self._batch_tasks))
-
-    def _batch_done(self, task: asyncio.Task[None]) -> None:
-        self._batch_tasks.discard(task)
-        self.metrics.in_flight_batches.set(len(self._batch_tasks))
-        if not task.cancelled() and task.exception() is not None:
-            self._fail(task.exception())
-        elif not self._stop.is_set():
-            self._launch_ready(time.monotonic())  # the freed slot takes the next due batch now
-
-    def _spawn_side(self, coroutine: Any) -> None:
-        task = asyncio.create_task(coroutine)
-        self._side_tasks.add(task)
-
-        def done(finished: asyncio.Task[None]) -> None:
-            self._side_tasks.discard(finished)
-            if not finished.cancelled() and finished.exception() is not None:
-                self._fail(finished.exception())
-
-        task.add_done_callback(done)
+        self.decode.submit(item)
 
     def _fail(self, exc: BaseException | None) -> None:
-        if isinstance(exc, WorkerError):
+        if isinstance(exc, (WorkerError, _PublishError)):
             log.error("stopping: %s", exc)  # a known fault: one line, no traceback
         else:
             log.error("stopping on an unexpected error", exc_info=exc)
         self._fatal = exc
         self._stop.set()
-
-    # ---- processing --------------------------------------------------------------------
-
-    async def _run_batch(self, batch: list[Fetched], write_turn: Turn, publish_turn: Turn) -> None:
-        started = time.monotonic()
-        batch_id = uuid.uuid4().hex[:12]
-        ids = {"batch_id": batch_id}
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("batch of %d messages: %s", len(batch), _positions(batch), extra=ids)
-        self.metrics.batch_size.observe(len(batch))
-        self.stats.batches += 1
-        self.stats.batch_sizes.append(len(batch))
-        try:
-            outcomes: list[Outcome] = await self.pipeline.process(
-                [item.event for item in batch],  # type: ignore[misc]
-                turn=write_turn,
-                live=lambda index: self._live(batch[index]),
-            )
-        finally:
-            write_turn.end()
-        async with publish_turn:
-            await self._publish_outcomes(batch, outcomes, batch_id)
-        seconds = time.monotonic() - started
-        self.metrics.batch_seconds.observe(seconds)
-        self.observer.on_batch_done(len(batch))
-
-    async def _publish_outcomes(self, batch: list[Fetched], outcomes: list[Outcome], batch_id: str) -> None:
-        """Results and dead letters of a batch's live messages, in the batch's publishing turn."""
-        fenced = [item for item in batch if not self._live(item)]
-        for item in fenced:
-            self._release(item)  # the partition's new owner replays it
-        pairs = [(item, o) for item, o in zip(batch, outcomes) if self._live(item)]
-        results = [(item, o) for item, o in pairs if o.result is not None]
-        failures = [(item, o.error_kind or "error", o.error_message or "") for item, o in pairs if o.result is None]
-        if results:
-            await self._send_reliably(
-                [(self.settings.output_topic, o.event.id.encode("utf-8"), o.result.encode(), None) for _, o in results],  # type: ignore[union-attr]
-                batch_id=batch_id,
-            )
-            finished_at = time.time()
-            for item, outcome in results:
-                self._finish(item)
-                self.stats.processed += 1
-                self.stats.cached += int(outcome.result.cached)  # type: ignore[union-attr]
-                self.stats.truncated += int(outcome.result.truncated)  # type: ignore[union-attr]
-                latency = max(0.0, finished_at - item.timestamp)
-                self.stats.latencies.append(latency)
-                self.metrics.end_to_end_seconds.observe(latency)
-            self.metrics.messages_processed.inc(len(results))
-            self.observer.on_published([(item.tp, item.offset) for item, _ in results])
-            deletes = sum(1 for _, o in results if o.event.is_delete)
-            if deletes:
-                self.metrics.documents_deleted.inc(deletes)
-        if failures:
-            await self._dead_letter(failures, stage="embed", batch_id=batch_id)
-        log.debug("batch done: %d results, %d dead letters, %d fenced", len(results), len(failures), len(fenced),
-                  extra={"batch_id": batch_id})
-
-    async def _dead_letter(self, failures: list[tuple[Fetched, str, str]], *, stage: str, batch_id: str | None = None) -> None:
-        messages = []
-        cap = self.settings.dlq_max_payload_bytes
-        for item, kind, message in failures:
-            source = SourcePosition(topic=item.tp.topic, partition=item.tp.partition, offset=item.offset)
-            extra: dict[str, str] = {"message_id": _message_id(item)}
-            if batch_id is not None:
-                extra["batch_id"] = batch_id
-            event_id = f" (event id {item.event.id!r})" if item.event is not None else ""
-            log.warning("dead letter at %s%s: %s: %s", stage, event_id, kind, message[:200], extra=extra)
-            value = encode_dead_letter(kind=kind, message=message, source=source, payload=item.value, max_payload_bytes=cap)
-            # What goes out if the broker refuses that (too large for it): the envelope alone.
-            bare = encode_dead_letter(kind=kind, message=message[:1000], source=source, payload=item.value, max_payload_bytes=0)
-            messages.append((self.settings.dlq_topic, item.key if item.key is None or len(item.key) <= 4096 else None, value, bare))
-        await self._send_reliably(messages, batch_id=batch_id)
-        for item, kind, _ in failures:
-            self._finish(item)
-        self.stats.dead_letters += len(failures)
-        self.metrics.messages_failed.inc(len(failures))
-        self.metrics.messages_dead_lettered.labels(stage=stage).inc(len(failures))
-
-    async def _send_reliably(
-        self, messages: list[tuple[str, bytes | None, bytes, bytes | None]], *, batch_id: str | None = None
-    ) -> None:
-        """Publish and wait for every acknowledgement, retrying retriable failures with backoff.
-
-        Retriable errors are retried without end: a message whose result cannot be published
-        must not be committed, and the growing backlog pauses the consumer meanwhile. A record
-        the broker can never take (too large, invalid) is sent in its fallback form (a dead
-        letter without its payload); one without a fallback stops the worker with one line.
-        """
-        remaining, attempt = messages, 0
-        while remaining:
-            acks: list[Any] = []
-            for topic, key, value, _ in remaining:
-                try:
-                    acks.append(await self._producer.send(topic, value=value, key=key))
-                except KafkaError as exc:
-                    acks.append(_failed(exc))
-            outcomes = await asyncio.gather(*acks, return_exceptions=True)
-            retry: list[tuple[str, bytes | None, bytes, bytes | None]] = []
-            retriable: BaseException | None = None
-            for message, outcome in zip(remaining, outcomes):
-                if not isinstance(outcome, BaseException):
-                    continue
-                kind = "dead_letter" if message[0] == self.settings.dlq_topic else "result"
-                self.metrics.publish_errors.labels(kind=kind, error=_error_label(outcome)).inc()
-                if getattr(outcome, "retriable", True) and not isinstance(outcome, (ValueError, TypeError)):
-                    retriable = outcome
-                    retry.append(message)
-                elif message[3] is not None:
-                    log.error(
-                        "the broker refused a %d-byte dead letter for %s (%s); sending it without its payload",
-                        len(message[2]), message[0], type(outcome).__name__,
-                    )
-                    retry.append((message[0], message[1], message[3], None))
-                else:
-                    raise PublishError(
-                        f"the broker refused a {len(message[2])}-byte record for {message[0]} "
-                        f"({type(outcome).__name__}: {outcome}); it cannot be retried, stopping"
-                    )
-            if retriable is not None:
-                delay = self._send_backoff.delay(attempt)
-                log.warning(
-                    "publishing %d events failed (%s); retry in %.2fs", len(retry), type(retriable).__name__, delay,
-                    extra={"batch_id": batch_id} if batch_id is not None else None,
-                )
-                attempt += 1
-                await asyncio.sleep(delay)
-            remaining = retry
-
-    def _release(self, item: Fetched) -> None:
-        """Stop counting a message as buffered without finishing it (fenced: its partition moved on)."""
-        self._buffered_messages -= 1
-        self._buffered_bytes -= item.size
-
-    def _finish(self, item: Fetched) -> None:
-        self.tracker.finish(item.tp, item.offset)
-        self._release(item)
 
     # ---- flow control, lag, commits ----------------------------------------------------
 
@@ -557,31 +429,41 @@ class Worker:
         waiting_batches = len(self.batcher) // max(1, self.batcher.max_messages)
         active = self.flow.update(
             FlowSignals(
-                buffered_messages=self._buffered_messages,
-                buffered_bytes=self._buffered_bytes,
-                in_flight_batches=len(self._batch_tasks) + waiting_batches,
+                buffered_messages=self.finish.buffered_messages,
+                buffered_bytes=self.finish.buffered_bytes,
+                in_flight_batches=len(self.embed_store.tasks) + waiting_batches,
                 rss_bytes=self._rss,
                 sink_healthy=self._sink_healthy,
             )
         )
         m = self.metrics
-        for reason in ("buffered_messages", "buffered_bytes", "in_flight_batches", "memory", "sink"):
+        for reason in PAUSE_REASONS:
             m.backpressure_reason.labels(reason=reason).set(1 if reason in active else 0)
-        m.buffered_messages.set(self._buffered_messages)
-        m.buffered_bytes.set(self._buffered_bytes)
+        m.buffered_messages.set(self.finish.buffered_messages)
+        m.buffered_bytes.set(self.finish.buffered_bytes)
+        m.in_flight_batches.set(len(self.embed_store.tasks))
         assignment = self._consumer.assignment()
+        now = time.monotonic()
         if active:
             if not self._paused:
-                log.info("pausing consumption: %s", ", ".join(sorted(active)))
+                log.debug("pausing consumption: %s", ", ".join(sorted(active)))
                 self.stats.pauses += 1
                 for reason in active:
                     self.stats.pause_reasons[reason] = self.stats.pause_reasons.get(reason, 0) + 1
                 m.pauses.inc()
+                self._paused_since, self._pause_logged = now, False
+            elif not self._pause_logged and now - self._paused_since >= _LOGGED_PAUSE_SECONDS:
+                # Only a pause that lasts is news; brief ones are counted (metric, stats) all the same.
+                log.info("consumption paused for %.1fs: %s", now - self._paused_since, ", ".join(sorted(active)))
+                self._pause_logged = True
             # Re-applied every round: partitions assigned while paused start paused too.
             self._consumer.pause(*assignment)
             self._paused = True
         elif self._paused:
-            log.info("resuming consumption")
+            if self._pause_logged:
+                log.info("resuming consumption after %.1fs", now - self._paused_since)
+            else:
+                log.debug("resuming consumption")
             self.stats.resumes += 1
             self._consumer.resume(*assignment)
             self._paused = False
@@ -694,13 +576,12 @@ class Worker:
             return
         log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(revoked)))
         gone = set(revoked)
-        for item in self.batcher.remove(lambda item: item.tp in gone):
-            self._buffered_messages -= 1
-            self._buffered_bytes -= item.size
+        for item in self.batch.remove(lambda item: item.tp in gone):
+            self.finish.release(item)
         wait = self.settings.shutdown_timeout_seconds / 2
-        pending = self._batch_tasks | self._side_tasks
-        if pending:
-            await asyncio.wait(pending, timeout=wait)
+        deadline = time.monotonic() + wait
+        await self.embed_store.join(deadline)
+        await self.dead_letters.join(deadline)
         await self.commit(revoked)
         for tp in revoked:
             self._epochs.pop(tp, None)  # fenced: from here on nothing of them is written or published
@@ -721,57 +602,37 @@ class Worker:
     # ---- shutdown ----------------------------------------------------------------------
 
     async def _drain(self) -> None:
-        """Finish what was fetched, within the shutdown deadline, and commit it."""
+        """Finish what was fetched, within the shutdown deadline, and commit it (bounded by it too)."""
+        self.embed_store.stopping = True
         if self._aborting:
-            for task in self._batch_tasks | self._side_tasks:
-                task.cancel()
-            await asyncio.gather(*self._batch_tasks, *self._side_tasks, return_exceptions=True)
+            self.embed_store.close()
+            self.dead_letters.close()
+            await asyncio.gather(*self.embed_store.tasks, *self.dead_letters.tasks, return_exceptions=True)
             return
         deadline = time.monotonic() + self.settings.shutdown_timeout_seconds
         if self._fatal is None:
-            while len(self.batcher) and time.monotonic() < deadline:
-                self._launch_ready(time.monotonic(), drain=True)
-                if self._batch_tasks:
-                    await asyncio.wait(self._batch_tasks, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
-        pending = self._batch_tasks | self._side_tasks
-        if pending:
-            await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
-        for task in self._batch_tasks | self._side_tasks:
-            task.cancel()  # abandoned: not committed, replayed by the next owner
+            await self.batch.join(deadline)
+        await self.embed_store.join(deadline)
+        await self.dead_letters.join(deadline)
+        self.embed_store.close()  # abandoned: not committed, replayed by the next owner
+        self.dead_letters.close()
+        await asyncio.gather(*self.embed_store.tasks, *self.dead_letters.tasks, return_exceptions=True)
         try:
-            await self.commit()
-        except Exception as exc:  # the consumer may already be unusable
+            # The commit's coordinator lookup loops while the broker is away: the deadline bounds it.
+            async with asyncio.timeout(max(1.0, deadline - time.monotonic())):
+                await self.commit()
+        except (Exception, asyncio.TimeoutError) as exc:  # the consumer may already be unusable
             log.warning("final commit failed: %s", type(exc).__name__)
+        left = self.tracker.pending_count()
+        if left:
+            log.info("stopped with %d messages unfinished: not committed, the next owner replays them", left)
 
     async def _close_clients(self) -> None:
         for client in (self._consumer, self._producer):
             if client is None:
                 continue
             try:
-                await client.stop()
-            except Exception as exc:
+                async with asyncio.timeout(max(1.0, self.settings.shutdown_timeout_seconds / 2)):
+                    await client.stop()
+            except (Exception, asyncio.TimeoutError) as exc:
                 log.warning("closing %s failed: %s", type(client).__name__, type(exc).__name__)
-
-
-async def _failed(exc: BaseException) -> None:
-    raise exc
-
-
-def _error_label(exc: BaseException) -> str:
-    """A bounded label value: aiokafka's error class names are a fixed set; anything else is `other`."""
-    name = type(exc).__name__
-    return name if type(exc).__module__.startswith("aiokafka") or name in ("TimeoutError", "CancelledError") else "other"
-
-
-def _message_id(item: Fetched) -> str:
-    """Where a message came from, as `topic/partition/offset` (unique and replay-stable)."""
-    return f"{item.tp.topic}/{item.tp.partition}/{item.offset}"
-
-
-def _positions(batch: list[Fetched]) -> str:
-    """`topic[partition]@first-last` per partition of a batch, for its debug line."""
-    spans: dict[tuple[str, int], list[int]] = {}
-    for item in batch:
-        span = spans.setdefault((item.tp.topic, item.tp.partition), [item.offset, item.offset])
-        span[0], span[1] = min(span[0], item.offset), max(span[1], item.offset)
-    return ", ".join(f"{topic}[{partition}]@{first}-{last}" for (topic, partition), (first, last) in sorted(spans.items()))

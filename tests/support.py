@@ -219,21 +219,22 @@ async def committed_offsets(settings: Settings, partitions: int) -> dict[int, in
 async def running_worker(
     settings: Settings, embedder: Any, *, sink: Any = None, cache: Any = None, metrics: Metrics | None = None, observer: Any = None
 ) -> AsyncIterator[Worker]:
+    from streams.assembly import assemble
+
     metrics = metrics or Metrics()
     sink = sink or make_sink(settings)
-    worker = Worker(
-        settings, embedder=embedder, sink=sink, cache=cache if cache is not None else make_cache(settings, metrics),
-        metrics=metrics, observer=observer,
-    )
-    task = asyncio.create_task(worker.run())
-    try:
-        await wait_until(lambda: task.done() or worker.started.is_set(), timeout=30, what="worker start")
-        if task.done():
-            task.result()
-        yield worker
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, timeout=60)
+    cache = cache if cache is not None else make_cache(settings, metrics)
+    async with assemble(settings, embedder=embedder, sink=sink, cache=cache, metrics=metrics) as parts:
+        worker = parts.worker(observer=observer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await wait_until(lambda: task.done() or worker.started.is_set(), timeout=30, what="worker start")
+            if task.done():
+                task.result()
+            yield worker
+        finally:
+            worker.request_stop()
+            await asyncio.wait_for(task, timeout=60)
 
 
 class LatencyProxy:

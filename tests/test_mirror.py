@@ -21,13 +21,12 @@ import pytest
 
 from processors.faults import FailingSink, SlowCache
 from schemas import normalize_text
-from streams.metrics import Metrics
 from streams.runtime import WorkerObserver
 from streams.tools import document_text
 from support import (
     LatencyProxy, committed_offsets, make_cache, make_settings, make_sink, produce, read_topic, running_worker, wait_until,
 )
-from test_faults import _committed_sync, open_store, start_worker, worker_env, _no_worker_outlives_its_test  # noqa: F401
+from test_faults import _no_worker_outlives_its_test, open_store, start_worker, worker_env  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.integration
 

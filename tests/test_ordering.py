@@ -10,19 +10,19 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings as hsettings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from processors.chunking import plan_chunks
 from processors.ordering import Sequencer
 from processors.pipeline import Pipeline, PipelineHooks
 from processors.sink import QdrantSink
 from schemas import InputEvent, content_hash, point_id
-from fakes import DIM, GatedCache, WordEmbedder, vector_of  # noqa: F401
+from fakes import GatedCache, WordEmbedder, vector_of
 from support import unique
 
 def prepared_signal() -> tuple[PipelineHooks, list[int]]:

@@ -9,7 +9,6 @@ import pytest
 
 from processors.faults import FailingSink
 from processors.pipeline import Backoff
-from schemas import point_id
 from streams.devstack import LocalRedis
 from streams.flow import Watermarks
 from streams.memory import release_free_memory

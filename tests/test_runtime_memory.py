@@ -219,7 +219,7 @@ async def test_a_publish_outage_is_retried_and_nothing_is_committed_meanwhile():
     settings = memory_settings(broker)
     broker.fail_sends = True
     async with worker_on(broker, settings) as worker:
-        worker._send_backoff = Backoff(base_seconds=0.01, cap_seconds=0.02)
+        worker.publisher.backoff = Backoff(base_seconds=0.01, cap_seconds=0.02)
         for i in range(10):
             broker.append(settings.input_topic, body(f"id-{i}", f"text {i}"), partition=0)
         await until(lambda: (worker.metrics.registry.get_sample_value(

@@ -1,0 +1,41 @@
+"""What the store engines share: every engine call on one dedicated thread, and views on other collections.
+
+Owns: the thread hop (the embedded engines do their work inline and would block the event
+loop; a server client blocks on HTTP) and `for_collection`. One thread also keeps writes in
+submission order. Must not: know an engine's API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T", bound="ThreadedStore")
+
+
+class ThreadedStore:
+    collection: str
+    location: str
+
+    def _executor(self) -> ThreadPoolExecutor:
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        """Raise when the store is closed (engines that cannot tell leave it a no-op)."""
+
+    async def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor(), lambda: function(*args, **kwargs))
+
+    def _check_collection(self, collection: str) -> None:
+        """Raise `SinkConfigError` for a name the engine cannot hold."""
+
+    def for_collection(self: T, collection: str) -> T:
+        """The same engine (client, thread) on another collection; close only the original."""
+        self._check_collection(collection)
+        view = copy.copy(self)
+        view.collection = collection
+        return view

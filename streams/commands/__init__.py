@@ -1,0 +1,1 @@
+"""The operator commands behind the CLI, one file each (`common` holds what they share)."""

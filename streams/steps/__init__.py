@@ -1,0 +1,60 @@
+"""The per-message path as a chain of small steps, in the manner of Sentry Arroyo's strategies.
+
+    fetched ─► Decode ─► Batch ─► EmbedAndStore ─► Publish ─► Finish
+                 └── bad input ──► DeadLetters ──────┘
+
+Each step has one small interface: `submit` (take work, or raise `MessageRejected` when
+full: the caller keeps the work and the consumer stays paused), `poll` (move finished work
+on), `join(deadline)` (finish what is inside, until the deadline) and `close` (drop what
+is left: it is uncommitted, so the next owner replays it). Owns: what happens to a message
+between fetch and commit. Must not: fetch, pause, commit or handle rebalances (the
+`Worker` does), nor touch the store or the model except through the `Pipeline`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from aiokafka import TopicPartition
+
+from schemas import InputEvent
+
+T = TypeVar("T", contravariant=True)
+
+
+class MessageRejected(Exception):
+    """A step is full; submit again later (Arroyo's backpressure signal)."""
+
+
+class Step(Protocol, Generic[T]):
+    def submit(self, message: T) -> None: ...
+
+    def poll(self) -> None: ...
+
+    async def join(self, deadline: float | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Fetched:
+    """One fetched record on its way through the steps."""
+
+    tp: TopicPartition
+    offset: int
+    timestamp: float
+    key: bytes | None
+    value: bytes | None
+    size: int
+    epoch: int = 0
+    """The assignment of its partition it was fetched under (see `Worker.live`)."""
+    event: InputEvent | None = None
+
+    @property
+    def message_id(self) -> str:
+        """Where it came from, as `topic/partition/offset` (unique and replay-stable)."""
+        return f"{self.tp.topic}/{self.tp.partition}/{self.offset}"
+
+
+__all__ = ["Fetched", "MessageRejected", "Step"]

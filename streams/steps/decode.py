@@ -1,0 +1,39 @@
+"""The first step: a fetched record becomes an event (an upsert or a delete) or a dead letter.
+
+Owns: the call of `schemas.decode_input` (every rule lives there) and the token estimate a
+batch is planned with. Must not: batch, publish or finish anything itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from schemas import InputEvent, InvalidEvent, Limits, decode_input
+from streams.steps import Fetched
+from streams.steps.batch import Batch
+from streams.steps.publish import DeadLetters
+
+
+class Decode:
+    def __init__(self, *, next_step: Batch, dead_letters: DeadLetters, limits: Limits, tokens: Callable[[InputEvent], int]) -> None:
+        self.next_step = next_step
+        self.dead_letters = dead_letters
+        self.limits = limits
+        self.tokens = tokens
+
+    def submit(self, item: Fetched) -> None:
+        try:
+            item.event = decode_input(item.value, self.limits, key=item.key)
+        except InvalidEvent as exc:
+            self.dead_letters.submit([(item, exc.kind, exc.message)])
+            return
+        self.next_step.submit(item, self.tokens(item.event))
+
+    def poll(self) -> None:
+        return None
+
+    async def join(self, deadline: float | None = None) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

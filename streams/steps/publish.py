@@ -1,0 +1,237 @@
+"""Publishing results and dead letters, in offset order, and only for partitions still owned.
+
+Owns: `Publisher` (send and await every acknowledgement; retry what is retriable with
+backoff, send a smaller form of what the broker can never take, stop with one line when
+there is none), the dead-letter envelope of a message, and the `Publish` step (a batch's
+results and dead letters in its publishing turn). The Faust runtime uses `Publisher` and
+`dead_letter_record` too. Must not: commit, or publish for a fenced message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+from aiokafka.errors import KafkaError
+
+from processors.backoff import Backoff
+from processors.ordering import Sequencer, Turn
+from processors.pipeline import Outcome
+from schemas import SourcePosition, encode_dead_letter
+from streams.steps import Fetched
+from streams.steps.finish import Finish
+
+log = logging.getLogger(__name__)
+
+_MAX_KEY_BYTES = 4096
+
+
+class PublishError(Exception):
+    """A record the broker will never accept (not retriable) and that has no smaller form."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    topic: str
+    key: bytes | None
+    value: bytes
+    fallback: bytes | None = None
+    """What to send instead if the broker refuses `value` for good (a dead letter without its payload)."""
+    kind: str = "result"
+    """`result` or `dead_letter`: a bounded metric label."""
+
+
+def dead_letter_record(
+    *, topic: str, source: SourcePosition, key: bytes | None, payload: bytes | None, kind: str, message: str,
+    max_payload_bytes: int,
+) -> OutRecord:
+    """A message's dead letter, keyed like the input, with its payload capped (and a bare fallback)."""
+    value = encode_dead_letter(kind=kind, message=message, source=source, payload=payload, max_payload_bytes=max_payload_bytes)
+    bare = encode_dead_letter(kind=kind, message=message[:1000], source=source, payload=payload, max_payload_bytes=0)
+    return OutRecord(topic, key if key is None or len(key) <= _MAX_KEY_BYTES else None, value, bare, "dead_letter")
+
+
+def error_label(exc: BaseException) -> str:
+    """A bounded label value: aiokafka's error class names are a fixed set; anything else is `other`."""
+    name = type(exc).__name__
+    return name if type(exc).__module__.startswith("aiokafka") or name in ("TimeoutError", "CancelledError") else "other"
+
+
+class Publisher:
+    """Sends records and waits for every acknowledgement.
+
+    Keyword-only: `send(topic, key, value)` returns an awaitable acknowledgement (aiokafka's
+    `send`, or a Faust topic's); `on_error(kind, error_label)` counts failures; `backoff`
+    (0.2 s doubling to 5 s). Retriable errors are retried without end: a message whose
+    result cannot be published must not be committed, and the growing backlog pauses the
+    consumer meanwhile. A record the broker can never take (too large, invalid) is sent in
+    its fallback form; one without a fallback raises `PublishError`.
+    """
+
+    def __init__(
+        self,
+        *,
+        send: Callable[[str, bytes | None, bytes], Awaitable[Any]],
+        on_error: Callable[[str, str], None] = lambda kind, error: None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._send = send
+        self._on_error = on_error
+        self.backoff = backoff or Backoff(base_seconds=0.2, cap_seconds=5.0)
+
+    async def publish(self, records: Sequence[OutRecord], *, batch_id: str | None = None) -> None:
+        remaining, attempt = list(records), 0
+        while remaining:
+            acks: list[Any] = []
+            for record in remaining:
+                try:
+                    acks.append(await self._send(record.topic, record.key, record.value))
+                except Exception as exc:  # the client refused it before sending
+                    acks.append(_failed(exc))
+            outcomes = await asyncio.gather(*acks, return_exceptions=True)
+            retry: list[OutRecord] = []
+            retriable: BaseException | None = None
+            for record, outcome in zip(remaining, outcomes):
+                if not isinstance(outcome, BaseException):
+                    continue
+                self._on_error(record.kind, error_label(outcome))
+                if isinstance(outcome, asyncio.CancelledError):
+                    raise outcome
+                if _retriable(outcome):
+                    retriable = outcome
+                    retry.append(record)
+                elif record.fallback is not None:
+                    log.error(
+                        "the broker refused a %d-byte dead letter for %s (%s); sending it without its payload",
+                        len(record.value), record.topic, type(outcome).__name__,
+                    )
+                    retry.append(OutRecord(record.topic, record.key, record.fallback, None, record.kind))
+                else:
+                    raise PublishError(
+                        f"the broker refused a {len(record.value)}-byte record for {record.topic} "
+                        f"({type(outcome).__name__}: {outcome}); it cannot be retried, stopping"
+                    )
+            if retriable is not None:
+                delay = self.backoff.delay(attempt)
+                log.warning(
+                    "publishing %d events failed (%s); retry in %.2fs", len(retry), type(retriable).__name__, delay,
+                    extra={"batch_id": batch_id} if batch_id is not None else None,
+                )
+                attempt += 1
+                await asyncio.sleep(delay)
+            remaining = retry
+
+
+def _retriable(exc: BaseException) -> bool:
+    if isinstance(exc, KafkaError):
+        return bool(getattr(exc, "retriable", False)) or type(exc).__name__ in ("KafkaConnectionError", "KafkaTimeoutError")
+    return not isinstance(exc, (ValueError, TypeError, AssertionError))
+
+
+async def _failed(exc: BaseException) -> None:
+    raise exc
+
+
+def split_outcomes(pairs: Sequence[tuple[Any, Outcome]]) -> tuple[list[tuple[Any, Outcome]], list[tuple[Any, str, str]]]:
+    """(message, outcome) pairs into results and (message, error kind, error text) failures."""
+    results = [(m, o) for m, o in pairs if o.result is not None]
+    failures = [(m, o.error_kind or "error", o.error_message or "") for m, o in pairs if o.result is None]
+    return results, failures
+
+
+class Publish:
+    """A batch's results and dead letters, in its publishing turn (taken at launch), then `Finish`."""
+
+    def __init__(
+        self,
+        *,
+        publisher: Publisher,
+        finish: Finish,
+        live: Callable[[Fetched], bool],
+        output_topic: str,
+        dlq_topic: str,
+        dlq_max_payload_bytes: int,
+        on_results: Callable[[list[tuple[Fetched, Outcome]], float], None] = lambda results, at: None,
+        on_dead_letters: Callable[[int, str], None] = lambda count, stage: None,
+    ) -> None:
+        self.publisher = publisher
+        self.finish = finish
+        self.live = live
+        self.output_topic = output_topic
+        self.dlq_topic = dlq_topic
+        self.dlq_max_payload_bytes = dlq_max_payload_bytes
+        self._on_results = on_results
+        self._on_dead_letters = on_dead_letters
+        self._order = Sequencer()
+
+    def take_turn(self) -> Turn:
+        return self._order.take()
+
+    async def submit_batch(self, batch: list[Fetched], outcomes: list[Outcome], turn: Turn, *, batch_id: str) -> None:
+        async with turn:
+            fenced = [item for item in batch if not self.live(item)]
+            for item in fenced:
+                self.finish.release(item)  # the partition's new owner replays it
+            results, failures = split_outcomes([(item, o) for item, o in zip(batch, outcomes) if self.live(item)])
+            if results:
+                await self.publisher.publish(
+                    [OutRecord(self.output_topic, o.event.id.encode("utf-8"), o.result.encode()) for _, o in results],  # type: ignore[union-attr]
+                    batch_id=batch_id,
+                )
+                self.finish.submit(item for item, _ in results)
+                self._on_results(results, time.time())
+            if failures:
+                await self.dead_letter(failures, stage="embed", batch_id=batch_id)
+            log.debug("batch done: %d results, %d dead letters, %d fenced", len(results), len(failures), len(fenced),
+                      extra={"batch_id": batch_id})
+
+    async def dead_letter(self, failures: list[tuple[Fetched, str, str]], *, stage: str, batch_id: str | None = None) -> None:
+        records = []
+        for item, kind, message in failures:
+            extra: dict[str, str] = {"message_id": item.message_id}
+            if batch_id is not None:
+                extra["batch_id"] = batch_id
+            event_id = f" (event id {item.event.id!r})" if item.event is not None else ""
+            log.warning("dead letter at %s%s: %s: %s", stage, event_id, kind, message[:200], extra=extra)
+            source = SourcePosition(topic=item.tp.topic, partition=item.tp.partition, offset=item.offset)
+            records.append(dead_letter_record(
+                topic=self.dlq_topic, source=source, key=item.key, payload=item.value, kind=kind, message=message,
+                max_payload_bytes=self.dlq_max_payload_bytes,
+            ))
+        await self.publisher.publish(records, batch_id=batch_id)
+        self.finish.submit(item for item, _, _ in failures)
+        self._on_dead_letters(len(failures), stage)
+
+
+class DeadLetters:
+    """Bad input, straight from `Decode` to the dead-letter topic, each in a task of its own."""
+
+    def __init__(self, *, publish: Publish, on_error: Callable[[BaseException], None]) -> None:
+        self.publish = publish
+        self._on_error = on_error
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, failures: list[tuple[Fetched, str, str]]) -> None:
+        task = asyncio.create_task(self.publish.dead_letter(failures, stage="decode"))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._on_error(task.exception())  # type: ignore[arg-type]
+
+    def poll(self) -> None:
+        return None
+
+    async def join(self, deadline: float | None = None) -> None:
+        if self.tasks:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await asyncio.wait(set(self.tasks), timeout=timeout)
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
