@@ -66,6 +66,8 @@ class PoisonEmbedder:
         self.inner = inner
         self.marker = marker
         self.fail_first_calls = fail_first_calls
+        self.down_until = 0.0
+        """time.monotonic() until which every call fails (a model or driver outage)."""
         self.calls = 0
         self.name, self.dim, self.device, self.max_tokens = inner.name, inner.dim, inner.device, inner.max_tokens
 
@@ -73,6 +75,10 @@ class PoisonEmbedder:
         self.calls += 1
         if self.calls <= self.fail_first_calls:
             raise InjectedFault("injected transient model failure")
+        import time
+
+        if time.monotonic() < self.down_until:
+            raise InjectedFault("injected model outage")
         if any(self.marker in text for text in texts):
             raise InjectedFault("injected model failure on a poison text")
         return self.inner.embed(texts, token_counts)

@@ -56,6 +56,7 @@ class PipelineHooks:
     on_upsert: Callable[[int, float], None] = lambda points, seconds: None
     on_sink_error: Callable[[], None] = lambda: None
     on_sink_state: Callable[[bool], None] = lambda healthy: None
+    on_model_error: Callable[[], None] = lambda: None
 
 
 class Pipeline:
@@ -64,7 +65,9 @@ class Pipeline:
     Keyword-only settings:
     - `embedder`, `cache` (default: none), `sink`.
     - `store_text`: keep the text in the point payload (default True).
-    - `embed_attempts`: tries of a whole batch before it is split to find a poison text (2).
+    - `embed_attempts`: tries of a batch before it is split to find a poison text (2).
+    - `embed_retry_seconds`: how long a failing batch is retried, with backoff, before a
+      probe text decides between a poison text (split the batch) and a model outage (wait) (1).
     - `sink_backoff`: retry policy of writes; writes retry until they succeed, the batch is
       cancelled or its events are fenced, because an unwritten batch must never be committed.
     - `long_text`: `chunk` (default: a text over the model's limit becomes several points)
@@ -80,6 +83,7 @@ class Pipeline:
         cache: VectorCache | None = None,
         store_text: bool = True,
         embed_attempts: int = 2,
+        embed_retry_seconds: float = 1.0,
         sink_backoff: Backoff | None = None,
         hooks: PipelineHooks | None = None,
         long_text: str = LONG_TEXT_CHUNK,
@@ -92,6 +96,8 @@ class Pipeline:
         self.cache: VectorCache = cache or NullCache()
         self.store_text = store_text
         self.embed_attempts = embed_attempts
+        self.embed_retry_seconds = embed_retry_seconds
+        self.embed_backoff = Backoff(base_seconds=0.05, cap_seconds=2.0)
         self.sink_backoff = sink_backoff or Backoff()
         self.hooks = hooks or PipelineHooks()
         # One thread: the model is not shared between concurrent forward passes, and torch
@@ -114,31 +120,88 @@ class Pipeline:
         """Release the model thread; the cache and sink belong to whoever built them."""
         self._embed_executor.shutdown(wait=True, cancel_futures=True)
 
+    async def _embed_once(self, texts: Sequence[str], token_counts: Sequence[int] | None) -> list[np.ndarray]:
+        started = time.perf_counter()
+        result = await self._on_model_thread(self.embedder.embed, list(texts), token_counts)
+        self.hooks.on_embed(len(texts), time.perf_counter() - started)
+        return list(result.vectors)
+
     async def _embed_isolating_poison(
-        self, texts: Sequence[str], token_counts: Sequence[int] | None = None
+        self, texts: Sequence[str], token_counts: Sequence[int] | None = None, *, whole: bool = True
     ) -> tuple[list[np.ndarray | None], list[str | None]]:
-        """Vectors and per-text error messages (None where embedded)."""
+        """Vectors and per-text error messages (None where embedded).
+
+        A model outage must not dead-letter valid input: a failing batch is first retried
+        with backoff for `embed_retry_seconds`; then a probe text decides. If it embeds, the
+        model works and the batch holds a poison text: it is split in halves to find it, and
+        only a text that fails alone is dead-lettered. If the probe fails too, the model is
+        down: the batch waits for it (one log line, `embedworker_model_errors_total`) and is
+        retried whole. Out-of-memory splits at once (a smaller forward pass), never a failure.
+        """
         last_error: Exception | None = None
-        for _ in range(self.embed_attempts):
-            try:
-                started = time.perf_counter()
-                result = await self._on_model_thread(self.embedder.embed, list(texts), token_counts)
-                self.hooks.on_embed(len(texts), time.perf_counter() - started)
-                return list(result.vectors), [None] * len(texts)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the model's failure is data about this batch
-                last_error = exc
+        while True:
+            deadline = time.monotonic() + (self.embed_retry_seconds if whole else 0.0)
+            attempt = 0
+            while True:
+                try:
+                    return await self._embed_once(texts, token_counts), [None] * len(texts)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the model's failure is data about this batch
+                    last_error = exc
+                    attempt += 1
+                    self.hooks.on_model_error()
+                if _out_of_memory(last_error) and len(texts) > 1:
+                    break
+                if attempt >= self.embed_attempts and time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(self.embed_backoff.delay(attempt))
+            if _out_of_memory(last_error) and len(texts) > 1:
+                break  # a smaller forward pass, not a poison search
+            # Poison in the batch, or the model down? A probe text tells them apart.
+            if await self._model_works():
+                break
+            await self._wait_for_a_working_model(last_error)
         if len(texts) == 1:
             message = f"{type(last_error).__name__}: {last_error}"[:500]
-            log.warning("text could not be embedded after %d attempts: %s", self.embed_attempts, message)
+            log.warning("text could not be embedded (the model embeds others): %s", message)
             return [None], [message]
         middle = len(texts) // 2
         left_counts = None if token_counts is None else token_counts[:middle]
         right_counts = None if token_counts is None else token_counts[middle:]
-        left = await self._embed_isolating_poison(texts[:middle], left_counts)
-        right = await self._embed_isolating_poison(texts[middle:], right_counts)
+        left = await self._embed_isolating_poison(texts[:middle], left_counts, whole=False)
+        right = await self._embed_isolating_poison(texts[middle:], right_counts, whole=False)
         return left[0] + right[0], left[1] + right[1]
+
+    async def _model_works(self) -> bool:
+        try:
+            await self._embed_once([_PROBE_TEXT], None)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.hooks.on_model_error()
+            return False
+
+    async def _wait_for_a_working_model(self, error: Exception | None) -> None:
+        """Return once a probe text embeds; until then the model is down, not the text poison."""
+        attempt, logged = 0, False
+        while True:
+            try:
+                await self._embed_once([_PROBE_TEXT], None)
+                if logged:
+                    log.info("the model works again")
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.hooks.on_model_error()
+                if not logged:
+                    log.error("the model fails on every text (%s: %s); holding the batch until it recovers",
+                              type(exc).__name__, str(exc)[:200])
+                    logged = True
+            attempt += 1
+            await asyncio.sleep(self.embed_backoff.delay(attempt))
 
     def take_turn(self) -> Turn:
         """This batch's place in the write order; take it when the batch is launched."""
@@ -379,6 +442,15 @@ class Pipeline:
             # A one-chunk document keeps its text as sent; a chunk, its span of the normalized text.
             payload["text"] = event.text if count == 1 else chunk.text
         return Point(id=point_id(event.id, index), vector=vector, payload=payload)
+
+
+_PROBE_TEXT = "a probe text to tell a failing model from a poison text"
+
+
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """CUDA (or MPS) out of memory: the batch was too big, not the text bad."""
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or (exc is not None and "out of memory" in str(exc).lower())
 
 
 @dataclass(slots=True)

@@ -83,6 +83,32 @@ def setup_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level)
     for noisy in ("aiokafka", "httpx", "sentence_transformers", "transformers", "faust", "mode"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+    handler.addFilter(_RepeatFilter())
+
+
+class _RepeatFilter(logging.Filter):
+    """aiokafka logs every failed reconnect (~10 a second while a broker is away): each of its
+    messages (by template) passes at most once a minute, with a count of what was held back."""
+
+    def __init__(self, *, quiet_seconds: float = 60.0) -> None:
+        super().__init__()
+        self.quiet_seconds = quiet_seconds
+        self._seen: dict[str, list[float]] = {}  # template -> [last passed at, held back since]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka"):
+            return True
+        template = f"{record.name}:{record.msg}"
+        seen = self._seen.get(template)
+        if seen is not None and record.created - seen[0] < self.quiet_seconds:
+            seen[1] += 1
+            return False
+        if seen is not None and seen[1]:
+            record.msg = f"{record.msg} (and {int(seen[1])} more like it)"
+        if len(self._seen) > 256:  # bounded: templates, not values
+            self._seen.clear()
+        self._seen[template] = [record.created, 0]
+        return True
 
 
 def _settings(args: argparse.Namespace) -> Settings:

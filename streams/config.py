@@ -120,6 +120,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("long_text", "chunk", _choice("chunk", "truncate"),
            "A text over the model's token limit: chunk (several points) or truncate (its first tokens)"),
     Option("chunk_overlap_tokens", 32, _non_negative_int, "Tokens a chunk repeats from the end of the previous one"),
+    Option("embed_retry_seconds", 1.0, _positive_float,
+           "How long a failing batch is retried before a probe text tells a poison text from a model outage"),
     Option("dlq_max_payload_bytes", 64 * 1024, _non_negative_int,
            "Most bytes of the original payload a dead letter carries (the rest: its size and sha256)"),
     Option("model", "all-MiniLM-L6-v2", _nonempty, "Model name or path (default: the bundled all-MiniLM-L6-v2)"),
@@ -178,6 +180,7 @@ class Settings:
     long_text: str
     chunk_overlap_tokens: int
     dlq_max_payload_bytes: int
+    embed_retry_seconds: float
     model: str
     device: str
     metrics_port: int

@@ -52,6 +52,10 @@ class Metrics:
             ["kind", "error"],
             registry=r,
         )
+        self.model_errors = Counter(
+            "embedworker_model_errors_total", "Failed forward passes (retried; a text is dead-lettered only while others embed)",
+            registry=r,
+        )
         self.documents_deleted = Counter(
             "embedworker_documents_deleted_total", "Delete events applied (tombstones and op=delete)", registry=r
         )

@@ -161,10 +161,12 @@ class Worker:
             on_upsert=lambda points, seconds: (m.chunks_written.inc(points), m.upsert_seconds.observe(seconds)),
             on_sink_error=m.sink_errors.inc,
             on_sink_state=self._set_sink_state,
+            on_model_error=m.model_errors.inc,
         )
         self.pipeline = Pipeline(
             embedder=embedder, sink=sink, cache=cache, store_text=settings.store_text, hooks=hooks,
             long_text=settings.long_text, chunk_overlap_tokens=settings.chunk_overlap_tokens,
+            embed_retry_seconds=settings.embed_retry_seconds,
         )
         self._epochs: dict[TopicPartition, int] = {}
         self._next_epoch = 1

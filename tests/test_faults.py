@@ -171,9 +171,19 @@ async def test_sigterm_drains_commits_and_exits_zero_and_a_second_signal_exits_a
     await wait_until(lambda: _committed_sync(settings) >= 50, timeout=120, what="some progress", interval=0.3)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
-    committed = _committed_sync(settings)
+    # Nothing committed without a result: per partition, every input offset below the
+    # committed one has a result event (by id) or a dead letter naming that offset.
+    committed = await committed_offsets(settings, 2)
+    inputs = await read_topic(settings, settings.input_topic, expect=400)
     results = await read_topic(settings, settings.output_topic)
-    assert committed <= len({orjson.loads(r.value)["id"] for r in results})  # nothing committed without a result
+    dead = await read_topic(settings, settings.dlq_topic)
+    result_ids = {orjson.loads(r.value)["id"] for r in results}
+    dead_at = {(orjson.loads(r.value)["source"]["partition"], orjson.loads(r.value)["source"]["offset"]) for r in dead}
+    id_at = {(r.partition, r.offset): orjson.loads(r.value)["id"] for r in inputs}
+    assert sum(committed.values()) >= 50
+    for partition, offset in committed.items():
+        missing = [o for o in range(offset) if id_at[(partition, o)] not in result_ids and (partition, o) not in dead_at]
+        assert not missing, f"partition {partition}: offsets {missing[:5]} committed without a result"
     assert "stopped cleanly" in log.read_text()
 
     process = start_worker(worker_env(settings, store), log)
@@ -221,6 +231,34 @@ async def test_broker_restart_reconnects_and_reports_the_lost_log(embedder, capl
         finally:
             if redis is not None:
                 redis.close()
+
+
+async def test_sigterm_with_the_broker_gone_exits_within_the_deadline_and_says_what_is_left(services, tmp_path):
+    """The final commit cannot reach the broker: the drain deadline still holds, the exit is clean."""
+    from support import Services
+
+    deadline = 6.0
+    with LocalBroker() as broker:
+        own = Services(broker.bootstrap_servers, services.redis_url, services.qdrant_url, "local")
+        settings = await make_settings(own, partitions=2)
+        await produce(settings, [event(f"id-{i}", f"a text to embed before the outage {i}") for i in range(3000)])
+        store, log = tmp_path / "qdrant", tmp_path / "worker.log"
+        process = start_worker(worker_env(settings, store, EMBEDWORKER_SHUTDOWN_TIMEOUT_SECONDS=str(deadline)), log)
+        await wait_until(lambda: _committed_sync(settings) >= 50, timeout=120, what="some progress", interval=0.3)
+        broker.stop()
+        await asyncio.sleep(1.0)  # let the worker notice the outage; a timer, not synchronization
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = process.wait(timeout=60)
+        took = time.monotonic() - started
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert took < deadline + 8, f"exit took {took:.1f}s with a {deadline}s deadline"
+    assert "Traceback" not in text, text[-3000:]
+    assert "the next owner replays them" in text or "stopped cleanly" in text
+    noise = [line for line in text.splitlines() if "aiokafka" in line or "Unable connect" in line or "Unable to update metadata" in line]
+    assert len(noise) <= 10, f"{len(noise)} aiokafka lines for one outage:\n" + "\n".join(noise[:20])
+    print(f"\nSIGTERM with the broker gone: exit 0 after {took:.1f}s (deadline {deadline}s), {len(noise)} aiokafka log lines")
 
 
 async def test_unreachable_broker_is_one_clear_line(tmp_path):

@@ -149,3 +149,35 @@ async def test_redis_outage_degrades_to_no_cache(embedder, sink, services):
     points = await sink.retrieve([point_id("a")])
     expected = embedder.embed(["alpha"]).vectors[0]
     assert float(np.dot(points[point_id("a")][0], expected)) > 0.999
+
+
+async def test_a_model_outage_dead_letters_nothing_and_a_poison_text_still_is(embedder, sink):
+    import time
+
+    poisoned = PoisonEmbedder(embedder)
+    pipeline = Pipeline(embedder=poisoned, sink=sink, embed_retry_seconds=1.0)
+    await pipeline.start()
+    poisoned.down_until = time.monotonic() + 3.0  # longer than the retry time: the batch is split too
+    started = time.monotonic()
+    outcomes = await pipeline.process([InputEvent(f"ok-{i}", f"valid text {i}") for i in range(6)] + [InputEvent("bad", "POISON text")])
+    took = time.monotonic() - started
+    assert [o.error_kind for o in outcomes[:6]] == [None] * 6
+    assert outcomes[6].error_kind == "embed_failed"
+    assert took >= 3.0  # it waited for the model instead of dead-lettering
+    print(f"\nmodel outage of 3 s: 0 of 6 valid texts dead-lettered, the poison text dead-lettered, batch took {took:.1f}s")
+
+
+async def test_out_of_memory_splits_the_batch_without_dead_letters(embedder, sink):
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    class SmallMemory(PoisonEmbedder):
+        def embed(self, texts, token_counts=None):
+            if len(texts) > 2:
+                raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().embed(texts, token_counts)
+
+    pipeline = Pipeline(embedder=SmallMemory(embedder), sink=sink, embed_retry_seconds=30.0)
+    await pipeline.start()
+    outcomes = await pipeline.process([InputEvent(f"m-{i}", f"memory text {i}") for i in range(8)])
+    assert all(o.error_kind is None for o in outcomes)

@@ -373,3 +373,23 @@ def test_tombstones_and_delete_events_decode_as_deletes():
     with pytest.raises(InvalidEvent) as caught:
         decode_tombstone(b"\xff")
     assert caught.value.kind == "invalid_id"
+
+
+def test_repeated_aiokafka_lines_pass_once_a_minute():
+    import logging
+
+    from streams.cli import _RepeatFilter
+
+    repeat = _RepeatFilter()
+
+    def record(name: str, msg: str, at: float) -> logging.LogRecord:
+        r = logging.LogRecord(name, logging.ERROR, __file__, 1, msg, (), None)
+        r.created = at
+        return r
+
+    passed = [repeat.filter(record("aiokafka.conn", "Unable connect to node %s", t / 10)) for t in range(100)]
+    assert passed.count(True) == 1
+    assert repeat.filter(record("aiokafka.client", "Unable to update metadata", 1.0))  # another message: passes
+    assert repeat.filter(record("streams.runtime", "same", 1.0)) and repeat.filter(record("streams.runtime", "same", 1.1))
+    late = record("aiokafka.conn", "Unable connect to node %s", 70.0)
+    assert repeat.filter(late) and "99 more" in late.msg
