@@ -103,6 +103,28 @@ def model_version(path: str) -> str | None:
     return "sha256:" + digest.hexdigest()[:16]
 
 
+def _hub_snapshot(model: str) -> str | None:
+    """The local snapshot directory a hub id resolves to (offline: only what is cached)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id=model, local_files_only=True)
+    except Exception:
+        return None
+
+
+def _weights_version(model: object) -> str | None:
+    """Last resort, when no files can be named: a hash of the loaded weights (shape and leading bytes of each tensor)."""
+    try:
+        digest = hashlib.sha256()
+        for name, tensor in model.state_dict().items():  # type: ignore[attr-defined]
+            digest.update(name.encode() + str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+        return "weights:" + digest.hexdigest()[:16]
+    except Exception:
+        return None
+
+
 def plan_sub_batches(
     token_counts: Sequence[int], *, token_budget: int, max_batch: int, call_overhead_tokens: int = 48
 ) -> list[list[int]]:
@@ -180,8 +202,8 @@ class SentenceTransformerEmbedder:
         self.name = model
         path = resolve_model_path(model)
         self._model = torch_thread.run(_load_model, path, self.device, threads)
-        self.version = model_version(path)
-        """Content hash of the model's files (None for a model not loaded from a directory)."""
+        self.version = model_version(path) or model_version(_hub_snapshot(path) or "") or _weights_version(self._model)
+        """Content hash of the model's files: its directory, or the hub snapshot a hub id resolved to."""
         self.dim = int(self._model.get_embedding_dimension())
         self.max_tokens = int(self._model.max_seq_length)
         on_gpu = self.device != "cpu"

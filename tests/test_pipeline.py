@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
@@ -181,3 +183,39 @@ async def test_out_of_memory_splits_the_batch_without_dead_letters(embedder, sin
     await pipeline.start()
     outcomes = await pipeline.process([InputEvent(f"m-{i}", f"memory text {i}") for i in range(8)])
     assert all(o.error_kind is None for o in outcomes)
+
+
+def test_a_model_named_by_hub_id_is_keyed_by_its_resolved_files(tmp_path):
+    """New weights under the same hub name must get a new cache key (model_version)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from processors.embedder import model_version, resolve_model_path
+
+    snapshot = tmp_path / "hub" / "models--acme--minilm" / "snapshots" / "rev1"
+    shutil.copytree(resolve_model_path("all-MiniLM-L6-v2"), snapshot)
+    (tmp_path / "hub" / "models--acme--minilm" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--minilm" / "refs" / "main").write_text("rev1")
+    probe = "from processors.embedder import SentenceTransformerEmbedder as E; print(E(model='acme/minilm', device='cpu').version)"
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+
+    def version() -> str:
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180, cwd=str(Path(__file__).parents[1]))
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    first = version()
+    assert first == model_version(str(snapshot)) and first.startswith("sha256:")
+    (snapshot / "config_sentence_transformers.json").write_text((snapshot / "config_sentence_transformers.json").read_text() + "\n")
+    assert version() != first
+
+
+async def test_the_normalized_text_is_what_gets_embedded(sink):
+    from fakes import WordEmbedder
+
+    embedder = WordEmbedder()
+    pipeline = Pipeline(embedder=embedder, sink=QdrantSink(collection=unique("n")))
+    await pipeline.start()
+    await pipeline.process([InputEvent("a", "  cafe\u0301 au lait \n")])
+    assert embedder.calls == [["caf\u00e9 au lait"]]  # NFC and stripped: the text the cache key names

@@ -227,3 +227,16 @@ async def test_a_publish_outage_is_retried_and_nothing_is_committed_meanwhile():
         assert (broker.committed(settings.group_id, input_tp(settings)) or 0) == 0
         broker.fail_sends = False
         await until(lambda: broker.committed(settings.group_id, input_tp(settings)) == 10, "recovery")
+
+
+async def test_brief_pauses_are_counted_but_not_logged_at_info(caplog):
+    broker = MemoryBroker()
+    settings = memory_settings(broker, max_in_flight_batches=1, buffer_max_messages=16, fetch_max_records=64)
+    with caplog.at_level(logging.INFO, logger="streams.runtime"):
+        async with worker_on(broker, settings) as worker:
+            for i in range(1500):
+                broker.append(settings.input_topic, body(f"id-{i}", f"text {i % 50}"), partition=0)
+            await until(lambda: broker.committed(settings.group_id, input_tp(settings)) == 1500, "the backlog", timeout=60)
+    infos = [r for r in caplog.records if r.levelno >= logging.INFO and ("paus" in r.getMessage() or "resum" in r.getMessage())]
+    assert worker.stats.pauses >= 5, "the backlog should pause the consumer again and again"
+    assert len(infos) <= 2, [r.getMessage() for r in infos]
