@@ -17,10 +17,12 @@ import os
 import platform
 import random
 import statistics
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -524,6 +526,59 @@ class WorkerParts:
             shutil.rmtree(self._directory, ignore_errors=True)
 
 
+class PySpy:
+    """py-spy sampling this very process for a while (every thread, native frames off): a summary
+    of where the busy worker's time goes, by function, own time and total time."""
+
+    def __init__(self, process: Any, path: str) -> None:
+        self.process, self.path = process, path
+
+    @classmethod
+    def start(cls, seconds: float) -> "PySpy | None":
+        import shutil
+        import subprocess
+        import tempfile
+
+        binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not os.path.exists(binary):
+            return None
+        path = tempfile.mktemp(suffix=".txt", prefix="embedworker-pyspy-")
+        process = subprocess.Popen(
+            [binary, "record", "--pid", str(os.getpid()), "--duration", str(max(1, int(seconds))), "--rate", "200",
+             "--format", "raw", "--output", path, "--nonblocking", "--threads"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        return cls(process, path)
+
+    def summary(self, top: int = 12) -> dict[str, Any] | None:
+        try:
+            self.process.wait(timeout=60)
+            lines = Path(self.path).read_text().splitlines()
+        except Exception:
+            return None
+        own: dict[str, int] = {}
+        total: dict[str, int] = {}
+        threads: dict[str, int] = {}
+        samples = 0
+        for line in lines:
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            samples += n
+            frames = stack.split(";")
+            thread = frames[0].split(" (")[0] if frames else "?"
+            threads[thread] = threads.get(thread, 0) + n
+            names = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] for f in frames[1:]] or [thread]
+            own[names[-1]] = own.get(names[-1], 0) + n
+            for name in set(names):
+                total[name] = total.get(name, 0) + n
+        if not samples:
+            return None
+        share = lambda d: [{"function": k, "share": round(v / samples, 3)} for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]  # noqa: E731
+        return {"samples": samples, "threads": share(threads), "own": share(own), "total": share(total)}
+
+
 def _metric(metrics: Any, name: str) -> float:
     value = metrics.registry.get_sample_value(name)
     return float(value) if value is not None else 0.0
@@ -536,6 +591,7 @@ async def run_worker_backlog(
     embedder: Any = None,
     settings_overrides: dict[str, Any] | None = None,
     timeout: float = 900.0,
+    profile_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Produce `texts` as a backlog, start the Worker, time first consumed -> last acked."""
     from streams.metrics import Metrics
@@ -557,6 +613,7 @@ async def run_worker_backlog(
         while worker.first_consumed_at is None and not task.done():
             await asyncio.sleep(0.002)  # only to start the CPU meter near the first fetch
         cpu.__enter__()
+        profiler = PySpy.start(profile_seconds) if profile_seconds else None
         finished, _ = await asyncio.wait({task, done_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         cpu.__exit__()
         if task in finished:
@@ -593,6 +650,9 @@ async def run_worker_backlog(
         "_embed_calls": timed.calls,  # for replay_embed_calls; dropped before JSON
         "upsert_seconds_sum": _metric(metrics, "embedworker_upsert_duration_seconds_sum"),
         "max_rss_mib": worker.stats.max_rss_bytes / 2**20,
+        "pauses": worker.stats.pauses,
+        "profile": profiler.summary() if profiler is not None else None,
+        "pause_reasons": dict(worker.stats.pause_reasons),
         "load_average_before": load_before,
         "native_threads_before": native_before,
         **cpu.as_dict(),

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ORDER = ["ceiling", "pipeline", "naive", "duplicates", "mixed_lengths", "profile", "latency"]
+ORDER = ["ceiling", "pipeline", "naive", "duplicates", "mixed_lengths", "profile", "latency", "overhead"]
 
 
 def _clean(value: Any) -> Any:
@@ -169,6 +169,13 @@ def plot(name: str, result: dict[str, Any], path: Path) -> None:
         arms = ["fixed_count", "token_budget"]
         _bars(ax, ["fixed count (256/batch)", "token budget (default)"], {"Worker end to end": [[r[a]["rate"] for r in reps] for a in arms]}, "messages / s")
         ax.set_title(f"Mixed lengths: token budget {result['ratios']['token_budget_over_fixed_count']:.2f}x fixed count (target >= 1.3x)")
+    elif name == "overhead":
+        _bars(ax, ["short texts, tiny model"], {
+            "tiny model encode alone": [[r["encode_rate"] for r in reps]],
+            "aiokafka pass-through": [[r["passthrough_rate"] for r in reps]],
+            "Worker end to end": [[r["worker_rate"] for r in reps]],
+        }, "messages / s")
+        ax.set_title(f"Host path: worker {result['ratios']['worker_over_encode']:.2f}x the tiny model (target >= 0.8x)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

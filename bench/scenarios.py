@@ -630,6 +630,8 @@ def _default(name: str) -> Any:
     return next(o.default for o in OPTIONS if o.name == name)
 
 
+from bench.overhead import overhead  # noqa: E402  (it imports `target` from here)
+
 SCENARIOS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "ceiling": ceiling,
     "pipeline": pipeline,
@@ -638,4 +640,5 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "mixed_lengths": mixed_lengths,
     "profile": profile,
     "latency": latency,
+    "overhead": overhead,
 }
