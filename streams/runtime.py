@@ -636,5 +636,12 @@ class Worker:
             try:
                 async with asyncio.timeout(max(1.0, self.settings.shutdown_timeout_seconds / 2)):
                     await client.stop()
+            except asyncio.CancelledError:
+                # aiokafka's fetcher re-raises the cancellation of its own fetch task from
+                # `stop()` when the broker is gone; only a cancellation of ours propagates.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                log.warning("closing %s: its background task was cancelled", type(client).__name__)
             except (Exception, asyncio.TimeoutError) as exc:
                 log.warning("closing %s failed: %s", type(client).__name__, type(exc).__name__)
