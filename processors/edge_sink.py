@@ -42,6 +42,7 @@ import numpy as np
 
 from processors.threaded import ThreadedStore
 from processors.sink import PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredPoint
+from schemas import point_id
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +221,17 @@ class EdgeSink(ThreadedStore):
 
         def write() -> None:
             shard = self._open()
-            structs = [qe.Point(p.id, np.asarray(p.vector, dtype=np.float32).tolist(), p.payload) for w in writes for p in w.points]
-            # Upsert first, then drop the surplus: a crash in between leaves it for the replay.
+            # Chunk 0 names how many chunks a document has (an upper bound: surplus chunks go
+            # before new ones are written, so a crash in between leaves it right). Only a
+            # document that may hold more chunks than it now gets needs a filtered delete.
+            stored = shard.retrieve([point_id(w.doc_id) for w in writes], with_payload=True, with_vector=False)
+            counts = {str(r.id): int((r.payload or {}).get("chunk_count", 1)) for r in stored}
+            targets = [w for w in writes if counts.get(point_id(w.doc_id), 0) > len(w.points)]
+            if targets:  # never an empty `should`: an empty filter matches every point
+                shard.update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(should=[clause(w) for w in targets])))
+            structs = [qe.Point(p.id, p.vector.tolist(), p.payload) for w in writes for p in w.points]
             if structs:
                 shard.update(qe.UpdateOperation.upsert_points(structs))
-            # Never an empty `should`: an empty filter matches every point.
-            shard.update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(should=[clause(w) for w in writes])))
             self._maybe_flush(shard)
 
         await self._call(write)

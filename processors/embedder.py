@@ -211,6 +211,9 @@ class SentenceTransformerEmbedder:
         self.max_sub_batch = max_sub_batch or (512 if on_gpu else 128)
         self._tokenizer = self._model.tokenizer
         self.special_tokens = int(self._tokenizer.num_special_tokens_to_add(pair=False))
+        self._pad_id = int(self._tokenizer.pad_token_id or 0)
+        self._direct = True
+        """Forward passes on our own tokenization (False after a model refused it: then `encode`)."""
         log.info("model %s (%s) loaded on %s (dim %d, max %d tokens)", model, self.version, self.device, self.dim, self.max_tokens)
 
     def estimate_tokens(self, text: str) -> int:
@@ -233,19 +236,44 @@ class SentenceTransformerEmbedder:
         return torch_thread.run(self._embed, texts, token_counts)
 
     def _embed(self, texts: Sequence[str], token_counts: Sequence[int] | None = None) -> Embeddings:
+        """One tokenization per text feeds both the length-aware plan and the forward passes."""
         if not texts:
             return Embeddings(np.zeros((0, self.dim), dtype=np.float32), [])
-        counts = list(token_counts) if token_counts is not None else self.count_tokens(texts)
-        truncated = [count > self.max_tokens for count in counts]
-        clipped = [min(count, self.max_tokens) for count in counts]
+        encoded = self._tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_tokens, verbose=False)
+        columns = {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded}
+        counts = [len(ids) for ids in columns["input_ids"]]
+        if token_counts is not None:
+            truncated = [count > self.max_tokens for count in token_counts]
+        else:  # a text cut at the limit has exactly `max_tokens` tokens now: count those again, untruncated
+            at_limit = [i for i, count in enumerate(counts) if count >= self.max_tokens]
+            exact = dict(zip(at_limit, self.count_tokens([texts[i] for i in at_limit]))) if at_limit else {}
+            truncated = [exact.get(i, 0) > self.max_tokens for i in range(len(texts))]
         vectors = np.empty((len(texts), self.dim), dtype=np.float32)
-        for indices in plan_sub_batches(clipped, token_budget=self.sub_batch_tokens, max_batch=self.max_sub_batch):
-            part = self._model.encode(
-                [texts[i] for i in indices],
-                batch_size=len(indices),
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-            vectors[indices] = np.asarray(part, dtype=np.float32)
+        for indices in plan_sub_batches(counts, token_budget=self.sub_batch_tokens, max_batch=self.max_sub_batch):
+            vectors[indices] = self._forward({key: [column[i] for i in indices] for key, column in columns.items()},
+                                             [texts[i] for i in indices])
         return Embeddings(vectors, truncated)
+
+    def _forward(self, columns: dict[str, list[list[int]]], texts: list[str]) -> np.ndarray:
+        """Pad the already-tokenized texts and run the model; `encode` (which tokenizes again) only as a fallback."""
+        import torch
+
+        if self._direct:
+            try:
+                length = max(len(ids) for ids in columns["input_ids"])
+                features = {}
+                for key, rows in columns.items():
+                    padded = np.zeros((len(rows), length), dtype=np.int64)
+                    if key == "input_ids" and self._pad_id:
+                        padded.fill(self._pad_id)
+                    for row, ids in enumerate(rows):
+                        padded[row, : len(ids)] = ids
+                    features[key] = torch.from_numpy(padded).to(self.device)
+                with torch.inference_mode():
+                    output = self._model.forward(features)["sentence_embedding"]
+                return torch.nn.functional.normalize(output.float(), dim=1).cpu().numpy()
+            except Exception as exc:  # a model whose first module is not a plain transformer
+                log.warning("direct forward pass failed (%s); using model.encode from now on", type(exc).__name__)
+                self._direct = False
+        part = self._model.encode(texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(part, dtype=np.float32)

@@ -226,18 +226,11 @@ class QdrantSink(ThreadedStore):
             return models.Filter(must=[ids], should=[clause(w) for w in targets])
 
         def apply() -> None:
-            if self._server:
-                # Upsert first, then drop the surplus: readers never see a document vanish and
-                # come back; a crash in between leaves the surplus for the replay to remove.
-                if structs:
-                    self._client.upsert(self.collection, points=structs, wait=True)
-                self._client.delete(self.collection, points_selector=models.FilterSelector(filter=surplus_filter(writes)), wait=True)
-                return
-            # The local engine scans on every filter: read each document's chunk 0 (by id, cheap)
-            # and filter-delete only documents that may hold more chunks than they now get.
-            # Deleting before the upsert keeps chunk 0's `chunk_count` an upper bound of what
-            # is stored, even across a crash between the two steps.
-            stored = self._client.retrieve(self.collection, ids=[str(point_id(w.doc_id)) for w in writes], with_payload=["chunk_count"])
+            # Chunk 0 names how many chunks a document has (an upper bound: surplus chunks go
+            # before new ones are written, so a crash in between leaves it right). Only a
+            # document that may hold more chunks than it now gets needs a filtered delete,
+            # which the local engine runs as a scan and a server as an index lookup.
+            stored = self._client.retrieve(self.collection, ids=[point_id(w.doc_id) for w in writes], with_payload=["chunk_count"])
             counts = {str(r.id): int((r.payload or {}).get("chunk_count", 1)) for r in stored}
             targets = [w for w in writes if counts.get(point_id(w.doc_id), 0) > len(w.points)]
             if targets:

@@ -161,12 +161,19 @@ WORDS = ["alpha", "beta", "gamma", "delta", "eps.", "zeta", "eta", "theta."]
 class MirrorMachine(RuleBasedStateMachine):
     """Events go into batches launched concurrently; after each settle the store equals the model."""
 
-    @initialize(seed=st.integers(0, 2**16))
-    def start(self, seed: int) -> None:
+    @initialize(seed=st.integers(0, 2**16), engine=st.sampled_from(["local", "edge"]))
+    def start(self, seed: int, engine: str) -> None:
+        import tempfile
+
+        from processors.edge_sink import EdgeSink
+
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.rng = random.Random(seed)
-        self.sink = QdrantSink(collection=unique("m"))
+        if engine == "edge":
+            self.sink = EdgeSink(collection=unique("m"), path=tempfile.mkdtemp(prefix="mirror-"))
+        else:
+            self.sink = QdrantSink(collection=unique("m"))
         self.embedder = WordEmbedder(max_tokens=6)
         self.pipeline = Pipeline(embedder=self.embedder, sink=self.sink, cache=_SlowDictCache(self.rng), chunk_overlap_tokens=1)
         self.loop.run_until_complete(self.pipeline.start())
