@@ -198,6 +198,7 @@ class Worker:
         self.finish = Finish(tracker=self.tracker)
         self.publisher = Publisher(
             send=lambda topic, key, value: self._producer.send(topic, value=value, key=key),
+            send_many=lambda topic, records: self._producer.send_many(topic, records),
             on_error=lambda kind, error: m.publish_errors.labels(kind=kind, error=error).inc(),
         )
         self.publish = Publish(

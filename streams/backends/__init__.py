@@ -9,7 +9,7 @@ runtime never knows which.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Iterable, Mapping, Protocol
+from typing import Any, Awaitable, Iterable, Mapping, Protocol, Sequence
 
 from aiokafka import TopicPartition
 
@@ -55,6 +55,10 @@ class Producer(Protocol):
 
     async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Awaitable[Any]:
         """Queue one record; the returned future resolves when the broker acknowledges it."""
+        ...
+
+    async def send_many(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> list[tuple[list[int], Awaitable[Any]]]:
+        """Queue many records of one topic in as few batches as fit; (record indices, acknowledgement) per batch."""
         ...
 
 

@@ -256,3 +256,6 @@ class MemoryProducer:
             future.set_result(self.broker.append(topic, value, key))
             self.sent += 1
         return future
+
+    async def send_many(self, topic: str, records: list[tuple[bytes | None, bytes]]) -> list[tuple[list[int], "asyncio.Future[Any]"]]:
+        return [([i], await self.send(topic, value=value, key=key)) for i, (key, value) in enumerate(records)]

@@ -75,23 +75,19 @@ class Publisher:
         self,
         *,
         send: Callable[[str, bytes | None, bytes], Awaitable[Any]],
+        send_many: Callable[[str, list[tuple[bytes | None, bytes]]], Awaitable[list[tuple[list[int], Any]]]] | None = None,
         on_error: Callable[[str, str], None] = lambda kind, error: None,
         backoff: Backoff | None = None,
     ) -> None:
         self._send = send
+        self._send_many = send_many
         self._on_error = on_error
         self.backoff = backoff or Backoff(base_seconds=0.2, cap_seconds=5.0)
 
     async def publish(self, records: Sequence[OutRecord], *, batch_id: str | None = None) -> None:
         remaining, attempt = list(records), 0
         while remaining:
-            acks: list[Any] = []
-            for record in remaining:
-                try:
-                    acks.append(await self._send(record.topic, record.key, record.value))
-                except Exception as exc:  # the client refused it before sending
-                    acks.append(_failed(exc))
-            outcomes = await asyncio.gather(*acks, return_exceptions=True)
+            outcomes = await self._send_all(remaining)
             retry: list[OutRecord] = []
             retriable: BaseException | None = None
             for record, outcome in zip(remaining, outcomes):
@@ -123,6 +119,31 @@ class Publisher:
                 attempt += 1
                 await asyncio.sleep(delay)
             remaining = retry
+
+
+    async def _send_all(self, records: list[OutRecord]) -> list[Any]:
+        """One outcome (an acknowledgement or an exception) per record."""
+        outcomes: list[Any] = [None] * len(records)
+        acks: list[tuple[list[int], Any]] = []
+        singles = list(range(len(records)))
+        topics = {r.topic for r in records}
+        if self._send_many is not None and len(records) > 1 and len(topics) == 1:
+            # Results and bare dead letters are small: whole accumulator batches, one future each.
+            try:
+                acks = await self._send_many(records[0].topic, [(r.key, r.value) for r in records])
+                singles = []
+            except Exception:  # e.g. one record too large for a batch: send them one by one
+                acks, singles = [], list(range(len(records)))
+        for index in singles:
+            try:
+                acks.append(([index], await self._send(records[index].topic, records[index].key, records[index].value)))
+            except Exception as exc:  # the client refused it before sending
+                acks.append(([index], _failed(exc)))
+        results = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
+        for (indices, _), result in zip(acks, results):
+            for index in indices:
+                outcomes[index] = result
+        return outcomes
 
 
 def _retriable(exc: BaseException) -> bool:
