@@ -84,7 +84,7 @@ class Metrics:
         )
         self.consumer_lag_records = Gauge(
             "embedworker_consumer_lag_records",
-            "High watermark minus committed offset",
+            "Log end (the larger of the fetch highwater and ListOffsets) minus the committed offset",
             ["topic", "partition"],
             registry=r,
         )

@@ -28,8 +28,8 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "results"
     env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--scenarios", "ceiling,pipeline", "--device", "cpu", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        [sys.executable, "-m", "bench", "--quick", "--scenarios", "ceiling,pipeline,overhead", "--device", "cpu", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=360,
     )
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
@@ -54,9 +54,16 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
         assert run["processed"] == run["messages"] and run["dead_letters"] == 0 and run["cached"] == 0
         assert pipeline["medians"][kind]["pipeline_rate"] > 0 and pipeline["medians"][kind]["ratio"] > 0
 
+    overhead = json.loads((out / "overhead.json").read_text())
+    run = overhead["repetitions"][0]
+    assert run["worker"]["processed"] == run["worker"]["messages"] and run["worker"]["dead_letters"] == 0
+    assert run["encode_rate"] > 0 and run["passthrough_rate"] > 0 and run["worker_rate"] > 0
+    assert {"worker_over_encode", "worker_over_passthrough"} <= set(overhead["ratios"])
+    assert (out / "overhead.png").stat().st_size > 0
+
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["scenarios"]) == {"ceiling", "pipeline"}
-    assert summary["targets_total"] == 2
+    assert set(summary["scenarios"]) == {"ceiling", "pipeline", "overhead"}
+    assert summary["targets_total"] == 4
     table = (out / "README-table.md").read_text()
     assert table.count("\n|") >= 6 and "pipeline, short" in table
     assert "targets passed" in proc.stdout
