@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench audit clean
+.PHONY: install demo test bench bench-gpu gpu-model audit clean
 
 $(STAMP): pyproject.toml requirements.lock infra/install-system.sh
 	bash infra/install-system.sh
@@ -25,6 +25,16 @@ test: install
 
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
+
+# On a CUDA machine (at most ~8 minutes): the model side against its own fp16 ceiling. Needs
+# only python3 with torch, transformers, sentence-transformers and numpy there, and the model
+# directory `make gpu-model` writes here (carried along; 45 MB in fp16).
+GPU_PYTHON ?= python3
+bench-gpu:
+	HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m bench.gpu_check --device cuda --model $(if $(wildcard bench/gpu_model/config.json),bench/gpu_model,all-MiniLM-L6-v2) $(BENCH_ARGS)
+
+gpu-model: install
+	$(PY) -c "from sentence_transformers import SentenceTransformer; from processors.embedder import resolve_model_path; m = SentenceTransformer(resolve_model_path('all-MiniLM-L6-v2'), device='cpu'); m.half(); m.save('bench/gpu_model')"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .demo

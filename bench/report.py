@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ORDER = ["ceiling", "pipeline", "naive", "duplicates", "mixed_lengths", "profile", "latency", "overhead"]
+ORDER = ["ceiling", "pipeline", "naive", "duplicates", "mixed_lengths", "profile", "latency", "overhead", "chunking"]
 
 
 def _clean(value: Any) -> Any:
@@ -176,6 +176,12 @@ def plot(name: str, result: dict[str, Any], path: Path) -> None:
             "Worker end to end": [[r["worker_rate"] for r in reps]],
         }, "messages / s")
         ax.set_title(f"Host path: worker {result['ratios']['worker_over_encode']:.2f}x the tiny model (target >= 0.8x)")
+    elif name == "chunking":
+        _bars(ax, ["long documents as chunks"], {
+            "model.encode on the same chunks": [[r["ceiling_chunks_rate"] for r in reps]],
+            "Worker end to end (chunks/s)": [[r["chunks_rate"] for r in reps]],
+        }, "chunks / s")
+        ax.set_title(f"Chunking: worker {result['ratios']['chunks_over_ceiling']:.2f}x the model on its chunks")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -630,7 +630,8 @@ def _default(name: str) -> Any:
     return next(o.default for o in OPTIONS if o.name == name)
 
 
-from bench.overhead import overhead  # noqa: E402  (it imports `target` from here)
+from bench.chunking import chunking  # noqa: E402  (these import `target` from here)
+from bench.overhead import overhead  # noqa: E402
 
 SCENARIOS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "ceiling": ceiling,
@@ -641,4 +642,5 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "profile": profile,
     "latency": latency,
     "overhead": overhead,
+    "chunking": chunking,
 }

@@ -290,21 +290,7 @@ class EdgeSink(ThreadedStore):
 
     async def scroll_ids(self) -> list[str]:
         """Every point id (for tests and re-embedding)."""
-        import qdrant_edge as qe
-
-        def scroll() -> list[str]:
-            shard = self._open()
-            ids: list[str] = []
-            offset = None
-            while True:
-                records, offset = shard.scroll(
-                    qe.ScrollRequest(offset=offset, limit=1000, with_payload=False, with_vector=False)
-                )
-                ids.extend(str(r.id) for r in records)
-                if offset is None:
-                    return ids
-
-        return await self._call(scroll)
+        return [p.id for p in await self.points(with_vectors=False)]
 
     async def search(self, vector: np.ndarray, limit: int = 5) -> list[Hit]:
         import qdrant_edge as qe

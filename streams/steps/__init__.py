@@ -37,6 +37,19 @@ class Step(Protocol, Generic[T]):
     def close(self) -> None: ...
 
 
+class Inline:
+    """For steps that finish their work inside `submit`: nothing to poll, join or close."""
+
+    def poll(self) -> None:
+        return None
+
+    async def join(self, deadline: float | None = None) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 @dataclass(slots=True)
 class Fetched:
     """One fetched record on its way through the steps."""
@@ -57,4 +70,4 @@ class Fetched:
         return f"{self.tp.topic}/{self.tp.partition}/{self.offset}"
 
 
-__all__ = ["Fetched", "MessageRejected", "Step"]
+__all__ = ["Fetched", "Inline", "MessageRejected", "Step"]

@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Callable
 
 from schemas import InputEvent, InvalidEvent, Limits, decode_input
-from streams.steps import Fetched
+from streams.steps import Fetched, Inline
 from streams.steps.batch import Batch
 from streams.steps.publish import DeadLetters
 
 
-class Decode:
+class Decode(Inline):
     def __init__(self, *, next_step: Batch, dead_letters: DeadLetters, limits: Limits, tokens: Callable[[InputEvent], int]) -> None:
         self.next_step = next_step
         self.dead_letters = dead_letters
@@ -28,12 +28,3 @@ class Decode:
             self.dead_letters.submit([(item, exc.kind, exc.message)])
             return
         self.next_step.submit(item, self.tokens(item.event))
-
-    def poll(self) -> None:
-        return None
-
-    async def join(self, deadline: float | None = None) -> None:
-        return None
-
-    def close(self) -> None:
-        return None

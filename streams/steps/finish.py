@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Iterable
 
 from streams.offsets import OffsetTracker
-from streams.steps import Fetched
+from streams.steps import Fetched, Inline
 
 
-class Finish:
+class Finish(Inline):
     def __init__(self, *, tracker: OffsetTracker) -> None:
         self.tracker = tracker
         self.buffered_messages = 0
@@ -32,12 +32,3 @@ class Finish:
         for item in items:
             self.tracker.finish(item.tp, item.offset)
             self.release(item)
-
-    def poll(self) -> None:
-        return None
-
-    async def join(self, deadline: float | None = None) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
