@@ -35,7 +35,7 @@ def chunks_of(ctx: Context, documents: list[str]) -> list[str]:
 
 
 async def chunking(ctx: Context) -> dict[str, Any]:
-    from bench.scenarios import target
+    from bench.scenarios import clean_share, target
 
     documents = long_documents(ctx.size(300, 16), seed=808)
     chunks = chunks_of(ctx, documents)
@@ -66,6 +66,7 @@ async def chunking(ctx: Context) -> dict[str, Any]:
         "repetitions": reps,
         "medians": medians,
         "ratios": {"chunks_over_ceiling": medians["chunks_over_ceiling"]},
+        "clean_units": clean_share(reps),
         "targets": [target("chunking_chunks_over_ceiling", medians["chunks_over_ceiling"], ">=", 0.8,
                            "Worker chunks/s / model.encode(bs=32) on the same chunks")],
         "table": [

@@ -104,7 +104,7 @@ def _encode(embedder: Any, texts: list[str]) -> dict[str, Any]:
 async def overhead(ctx: Context) -> dict[str, Any]:
     from processors.embedder import SentenceTransformerEmbedder
 
-    from bench.scenarios import target
+    from bench.scenarios import clean_share, target
 
     count = ctx.size(30_000, 2_000)
     directory = tempfile.mkdtemp(prefix="embedworker-tiny-")
@@ -145,6 +145,7 @@ async def overhead(ctx: Context) -> dict[str, Any]:
         "medians": medians,
         "profile": profile,
         "ratios": {"worker_over_encode": medians["worker_over_encode"], "worker_over_passthrough": medians["worker_over_passthrough"]},
+        "clean_units": clean_share(reps),
         "targets": [
             target("overhead_worker_over_tiny_encode", medians["worker_over_encode"], ">=", 0.8,
                    "Worker end to end / the tiny model's encode alone, same texts"),
