@@ -226,7 +226,9 @@ class EdgeSink(ThreadedStore):
             # document that may hold more chunks than it now gets needs a filtered delete.
             stored = shard.retrieve([point_id(w.doc_id) for w in writes], with_payload=True, with_vector=False)
             counts = {str(r.id): int((r.payload or {}).get("chunk_count", 1)) for r in stored}
-            targets = [w for w in writes if counts.get(point_id(w.doc_id), 0) > len(w.points)]
+            # A delete always filters by id: a crash inside one (the local engine deletes point by
+            # point, chunk 0 first) may leave chunks without chunk 0 to count them.
+            targets = [w for w in writes if not w.points or counts.get(point_id(w.doc_id), 0) > len(w.points)]
             if targets:  # never an empty `should`: an empty filter matches every point
                 shard.update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(should=[clause(w) for w in targets])))
             structs = [qe.Point(p.id, p.vector.tolist(), p.payload) for w in writes for p in w.points]

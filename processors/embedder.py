@@ -160,6 +160,16 @@ def plan_sub_batches(
     return batches
 
 
+def _plain_transformer(model: object) -> bool:
+    """Whether our own tokenization and forward pass give what `encode` gives for this model."""
+    try:
+        first = model[0]  # type: ignore[index]
+        prompt = getattr(model, "default_prompt_name", None)
+        return type(first).__name__ == "Transformer" and not prompt and getattr(model, "tokenizer", None) is not None
+    except Exception:
+        return False
+
+
 def _load_model(path: str, device: str, threads: int | None = None):  # -> SentenceTransformer
     import torch
     from sentence_transformers import SentenceTransformer
@@ -212,8 +222,13 @@ class SentenceTransformerEmbedder:
         self._tokenizer = self._model.tokenizer
         self.special_tokens = int(self._tokenizer.num_special_tokens_to_add(pair=False))
         self._pad_id = int(self._tokenizer.pad_token_id or 0)
-        self._direct = True
-        """Forward passes on our own tokenization (False after a model refused it: then `encode`)."""
+        # WordPiece tokens cover at least one character, so a text of at most `max_tokens`
+        # characters fits and need not be tokenized to know it; byte-BPE and SentencePiece
+        # tokens can be smaller (an emoji may be several): there every text is counted.
+        self.max_tokens_per_char = 1 if "Bert" in type(self._tokenizer).__name__ else None
+        self._direct = _plain_transformer(self._model)
+        """Forward passes on our own tokenization: a plain transformer first module and no default
+        prompt (anything else goes through `encode`, which knows it)."""
         log.info("model %s (%s) loaded on %s (dim %d, max %d tokens)", model, self.version, self.device, self.dim, self.max_tokens)
 
     def estimate_tokens(self, text: str) -> int:
@@ -272,7 +287,9 @@ class SentenceTransformerEmbedder:
                 with torch.inference_mode():
                     output = self._model.forward(features)["sentence_embedding"]
                 return torch.nn.functional.normalize(output.float(), dim=1).cpu().numpy()
-            except Exception as exc:  # a model whose first module is not a plain transformer
+            except Exception as exc:
+                if "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError":
+                    raise  # the pipeline splits the batch; the path itself is fine
                 log.warning("direct forward pass failed (%s); using model.encode from now on", type(exc).__name__)
                 self._direct = False
         part = self._model.encode(texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)

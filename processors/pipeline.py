@@ -250,7 +250,8 @@ class Pipeline:
         limit = self.embedder.max_tokens - self._special_tokens
         chunks = {i: [Chunk(text=t, start=0, end=len(t), tokens=-1)] for i, t in texts.items()}
         truncated = dict.fromkeys(texts, False)
-        long = [i for i, t in texts.items() if len(t) > limit]
+        per_char = getattr(self.embedder, "max_tokens_per_char", 1)
+        long = [i for i, t in texts.items() if per_char is None or len(t) * per_char > limit]
         if long:
             offsets = await self._on_model_thread(self.embedder.token_offsets, [texts[i] for i in long])
             for i, spans in zip(long, offsets):

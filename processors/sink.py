@@ -232,7 +232,9 @@ class QdrantSink(ThreadedStore):
             # which the local engine runs as a scan and a server as an index lookup.
             stored = self._client.retrieve(self.collection, ids=[point_id(w.doc_id) for w in writes], with_payload=["chunk_count"])
             counts = {str(r.id): int((r.payload or {}).get("chunk_count", 1)) for r in stored}
-            targets = [w for w in writes if counts.get(point_id(w.doc_id), 0) > len(w.points)]
+            # A delete always filters by id: a crash inside one (the local engine deletes point by
+            # point, chunk 0 first) may leave chunks without chunk 0 to count them.
+            targets = [w for w in writes if not w.points or counts.get(point_id(w.doc_id), 0) > len(w.points)]
             if targets:
                 self._client.delete(self.collection, points_selector=models.FilterSelector(filter=surplus_filter(targets)), wait=True)
             if structs:

@@ -241,7 +241,12 @@ class Worker:
         self.metrics.cache_misses.inc(misses)
 
     def _set_sink_state(self, healthy: bool) -> None:
+        changed = healthy != self._sink_healthy
         self._sink_healthy = healthy
+        if changed and self._consumer is not None:
+            # Pause or resume now, not at the next fetch round (up to 100 ms later): the
+            # consumer resumes the moment the store is back, and `flow` tells the truth.
+            self._apply_flow()
 
     def _count_batch(self, batch: list[Fetched]) -> None:
         self.metrics.batch_size.observe(len(batch))
@@ -585,10 +590,15 @@ class Worker:
         deadline = time.monotonic() + wait
         await self.embed_store.join(deadline)
         await self.dead_letters.join(deadline)
-        await self.commit(revoked)
+        try:
+            async with asyncio.timeout(max(0.5, deadline - time.monotonic())):
+                await self.commit(revoked)
+        except asyncio.TimeoutError:
+            log.warning("committing revoked partitions timed out; the next owner replays from the last commit")
         for tp in revoked:
             self._epochs.pop(tp, None)  # fenced: from here on nothing of them is written or published
-        if not await self.pipeline.settle(timeout=wait):
+        # One deadline for all of it: the handler must return within the rebalance timeout.
+        if not await self.pipeline.settle(timeout=max(0.5, deadline - time.monotonic())):
             log.error(
                 "a store write of revoked partitions is still running after %.1fs; it may land after the new owner's",
                 wait,

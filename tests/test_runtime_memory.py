@@ -240,3 +240,58 @@ async def test_brief_pauses_are_counted_but_not_logged_at_info(caplog):
     infos = [r for r in caplog.records if r.levelno >= logging.INFO and ("paus" in r.getMessage() or "resum" in r.getMessage())]
     assert worker.stats.pauses >= 5, "the backlog should pause the consumer again and again"
     assert len(infos) <= 2, [r.getMessage() for r in infos]
+
+
+async def test_results_still_retrying_when_their_partition_is_revoked_are_never_published():
+    broker = MemoryBroker()
+    settings = memory_settings(broker, partitions=2)
+    revoked_at: dict[int, float] = {}
+    observer = WorkerObserver(on_revoked=lambda tps: revoked_at.update({tp.partition: time.monotonic() for tp in tps}))
+    docs = [f"doc-{i}" for i in range(12)]
+    async with worker_on(broker, settings, observer=observer) as a:
+        a.publisher.backoff = Backoff(base_seconds=0.01, cap_seconds=0.05)
+        a._producer.fail_sends = True  # A's results keep failing (retriable): its batches hold on, retrying
+        for d in docs:  # all on partition 1, which a second member takes (round robin: A keeps 0)
+            broker.append(settings.input_topic, body(d, f"text of {d}"), key=d.encode(), partition=1)
+        await until(lambda: (a.metrics.registry.get_sample_value(
+            "embedworker_publish_errors_total", {"kind": "result", "error": "KafkaConnectionError"}) or 0) >= 2, "A to retry")
+        async with worker_on(broker, settings) as b:
+            await until(lambda: b.assigned() and a.assigned(), "the partitions to be shared")
+            assert {tp.partition for tp in b.assigned()} == {1}
+            await until(lambda: broker.committed(settings.group_id, input_tp(settings, 1)) == len(docs), "B to redo partition 1")
+            a._producer.fail_sends = False  # A's stuck retries may now succeed: they must not be sent at all
+            await until(lambda: a.in_flight_batches == 0, "A's stuck batches to end")
+        sent_by_a = [r for t, r in a._producer.records if r.topic == settings.output_topic and t > revoked_at[1]]
+    assert sent_by_a == [], f"A published {len(sent_by_a)} results of a partition it had lost"
+    assert {orjson.loads(r.value)["id"] for r in broker.records(settings.output_topic)} == set(docs)
+
+
+async def test_a_retry_sends_again_what_came_after_a_failed_record_of_the_same_key():
+    """Unit test of the logic (no I/O): batch 1 of a partition fails, batch 2 (a newer result of the same key) lands."""
+    from streams.steps.publish import OutRecord, Publisher
+
+    log: list[bytes] = []
+    calls = {"n": 0}
+
+    async def send_many(topic, records):
+        calls["n"] += 1
+        loop = asyncio.get_running_loop()
+        out = []
+        for index, (key, value) in enumerate(records):
+            ack = loop.create_future()
+            if calls["n"] == 1 and index == 0:
+                from aiokafka.errors import KafkaConnectionError
+
+                ack.set_exception(KafkaConnectionError("batch expired"))
+            else:
+                log.append(value)
+                ack.set_result(None)
+            out.append(([index], ack))
+        return out
+
+    async def send(topic, key, value):
+        raise AssertionError("send_many covers these")
+
+    publisher = Publisher(send=send, send_many=send_many, backoff=Backoff(base_seconds=0.001, cap_seconds=0.001))
+    await publisher.publish([OutRecord("out", b"x", b"x@3"), OutRecord("out", b"x", b"x@7"), OutRecord("out", b"y", b"y@1")])
+    assert log[-1] == b"x@7" and log.index(b"x@3") < len(log) - 1  # x's last result is still its last event

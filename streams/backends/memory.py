@@ -238,6 +238,10 @@ class MemoryProducer:
     def __init__(self, broker: MemoryBroker) -> None:
         self.broker = broker
         self.sent = 0
+        self.records: list[tuple[float, Record]] = []
+        """What this producer got acknowledged, with time.monotonic() of the acknowledgement."""
+        self.fail_sends = False
+        """This producer's acknowledgements fail (retriable), like the broker-wide `fail_sends`."""
 
     async def start(self) -> None:
         return None
@@ -250,10 +254,12 @@ class MemoryProducer:
         size = len(value or b"") + len(key or b"")
         if self.broker.refuse_larger_than is not None and size > self.broker.refuse_larger_than:
             future.set_exception(MessageSizeTooLargeError(f"record of {size} bytes"))
-        elif self.broker.fail_sends:
+        elif self.broker.fail_sends or self.fail_sends:
             future.set_exception(KafkaConnectionError("injected: broker unreachable"))
         else:
-            future.set_result(self.broker.append(topic, value, key))
+            record = self.broker.append(topic, value, key)
+            future.set_result(record)
+            self.records.append((time.monotonic(), record))
             self.sent += 1
         return future
 

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Awaitable, Callable, Sequence
 
 from aiokafka.errors import KafkaError
@@ -42,16 +43,18 @@ class OutRecord:
     """What to send instead if the broker refuses `value` for good (a dead letter without its payload)."""
     kind: str = "result"
     """`result` or `dead_letter`: a bounded metric label."""
+    live: Callable[[], bool] | None = None
+    """False once the record's input is fenced (its partition revoked): then it is not sent (again)."""
 
 
 def dead_letter_record(
     *, topic: str, source: SourcePosition, key: bytes | None, payload: bytes | None, kind: str, message: str,
-    max_payload_bytes: int,
+    max_payload_bytes: int, live: Callable[[], bool] | None = None,
 ) -> OutRecord:
     """A message's dead letter, keyed like the input, with its payload capped (and a bare fallback)."""
     value = encode_dead_letter(kind=kind, message=message, source=source, payload=payload, max_payload_bytes=max_payload_bytes)
     bare = encode_dead_letter(kind=kind, message=message[:1000], source=source, payload=payload, max_payload_bytes=0)
-    return OutRecord(topic, key if key is None or len(key) <= _MAX_KEY_BYTES else None, value, bare, "dead_letter")
+    return OutRecord(topic, key if key is None or len(key) <= _MAX_KEY_BYTES else None, value, bare, "dead_letter", live)
 
 
 def error_label(exc: BaseException) -> str:
@@ -87,12 +90,21 @@ class Publisher:
     async def publish(self, records: Sequence[OutRecord], *, batch_id: str | None = None) -> None:
         remaining, attempt = list(records), 0
         while remaining:
+            remaining = [r for r in remaining if r.live is None or r.live()]  # fenced meanwhile: not ours to send
+            if not remaining:
+                return
             outcomes = await self._send_all(remaining)
             retry: list[OutRecord] = []
             retriable: BaseException | None = None
+            failed_keys: set[bytes | None] = set()
             for record, outcome in zip(remaining, outcomes):
                 if not isinstance(outcome, BaseException):
+                    if record.key in failed_keys and record.kind == "result":
+                        # A later record of a key whose earlier one failed: send it again after
+                        # that one, or the retry would land the older result last.
+                        retry.append(record)
                     continue
+                failed_keys.add(record.key)
                 self._on_error(record.kind, error_label(outcome))
                 if isinstance(outcome, asyncio.CancelledError):
                     raise outcome
@@ -199,11 +211,14 @@ class Publish:
             results, failures = split_outcomes([(item, o) for item, o in zip(batch, outcomes) if self.live(item)])
             if results:
                 await self.publisher.publish(
-                    [OutRecord(self.output_topic, o.event.id.encode("utf-8"), o.result.encode()) for _, o in results],  # type: ignore[union-attr]
+                    [OutRecord(self.output_topic, o.event.id.encode("utf-8"), o.result.encode(), live=partial(self.live, item))  # type: ignore[union-attr]
+                     for item, o in results],
                     batch_id=batch_id,
                 )
-                self.finish.submit(item for item, _ in results)
-                self._on_results(results, time.time())
+                # Fenced while publishing: a new assignment may track these offsets again; not ours to finish.
+                done = [(item, o) for item, o in results if self._settle(item)]
+                self.finish.submit(item for item, _ in done)
+                self._on_results(done, time.time())
             if failures:
                 await self.dead_letter(failures, stage="embed", batch_id=batch_id)
             log.debug("batch done: %d results, %d dead letters, %d fenced", len(results), len(failures), len(fenced),
@@ -220,11 +235,19 @@ class Publish:
             source = SourcePosition(topic=item.tp.topic, partition=item.tp.partition, offset=item.offset)
             records.append(dead_letter_record(
                 topic=self.dlq_topic, source=source, key=item.key, payload=item.value, kind=kind, message=message,
-                max_payload_bytes=self.dlq_max_payload_bytes,
+                max_payload_bytes=self.dlq_max_payload_bytes, live=partial(self.live, item),
             ))
         await self.publisher.publish(records, batch_id=batch_id)
-        self.finish.submit(item for item, _, _ in failures)
-        self._on_dead_letters(len(failures), stage)
+        done = [item for item, _, _ in failures if self._settle(item)]
+        self.finish.submit(done)
+        self._on_dead_letters(len(done), stage)
+
+    def _settle(self, item: Fetched) -> bool:
+        """True when `item` may be finished; a fenced one is released instead (the new owner replays it)."""
+        if self.live(item):
+            return True
+        self.finish.release(item)
+        return False
 
 
 class DeadLetters:
