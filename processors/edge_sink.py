@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from processors.threaded import ThreadedStore
-from processors.sink import PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredPoint
+from processors.sink import INDEX_KINDS, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredPoint
 from schemas import point_id
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,9 @@ class EdgeSink(ThreadedStore):
       loss can take and how much WAL the next start replays.
     """
 
-    def __init__(self, *, collection: str, path: str, flush_interval_seconds: float = 5.0) -> None:
+    def __init__(
+        self, *, collection: str, path: str, flush_interval_seconds: float = 5.0, payload_indexes: dict[str, str] | None = None
+    ) -> None:
         import qdrant_edge  # noqa: F401  (fail at construction when the package is missing)
 
         if not path:
@@ -83,6 +85,7 @@ class EdgeSink(ThreadedStore):
         _check_name(collection)
         self.collection = collection
         self.location = path
+        self.payload_indexes = {**PAYLOAD_INDEXES, **(payload_indexes or {})}
         self._shared = _Shared(os.path.abspath(path), flush_interval_seconds)
 
     # ---- plumbing (everything below `_call` runs on the executor thread) -----------------
@@ -185,9 +188,9 @@ class EdgeSink(ThreadedStore):
                 )
             shard = self._open(create_dim=dim)
             # Idempotent (a no-op when present); deletes and chunk replacement filter on these.
-            kinds = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer}
+            kinds = {kind: getattr(qe.PayloadSchemaType, kind.capitalize()) for kind in INDEX_KINDS}
             known = shard.info().payload_schema or {}
-            for field_name, kind in PAYLOAD_INDEXES.items():
+            for field_name, kind in self.payload_indexes.items():
                 if field_name not in known:
                     shard.update(qe.UpdateOperation.create_field_index(field_name, kinds[kind]))
 

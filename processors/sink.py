@@ -49,6 +49,18 @@ class StoredPoint:
 
 # Payload fields every engine indexes: deletes and chunk replacement filter on them.
 PAYLOAD_INDEXES = {"id": "keyword", "chunk_index": "integer"}
+INDEX_KINDS = ("keyword", "integer", "float", "bool", "datetime", "text", "uuid")
+
+
+def parse_payload_indexes(spec: str) -> dict[str, str]:
+    """`metadata.lang:keyword,metadata.ts:integer` -> {field: kind}; raises ValueError on a bad entry."""
+    indexes: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        field_name, _, kind = entry.rpartition(":")
+        if not field_name or kind not in INDEX_KINDS:
+            raise ValueError(f"{entry!r}: expected field:kind with kind one of {', '.join(INDEX_KINDS)}")
+        indexes[field_name] = kind
+    return indexes
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +117,8 @@ class QdrantSink(ThreadedStore):
     - `url`, `api_key`: a Qdrant server (`https://` for TLS); or
     - `path`: directory of an embedded store (one process at a time); or neither: in memory.
     - `timeout_seconds`: per request to a server.
+    - `payload_indexes`: extra payload indexes, {field: kind} (`id` and `chunk_index` always);
+      qdrant-client's local engine ignores indexes (it scans).
     """
 
     def __init__(
@@ -115,12 +129,14 @@ class QdrantSink(ThreadedStore):
         api_key: str | None = None,
         path: str | None = None,
         timeout_seconds: float = 10.0,
+        payload_indexes: dict[str, str] | None = None,
     ) -> None:
         from qdrant_client import QdrantClient
 
         if url and path:
             raise SinkConfigError("give a Qdrant url or a path, not both")
         self.collection = collection
+        self.payload_indexes = {**PAYLOAD_INDEXES, **(payload_indexes or {})}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant")
         self._server = bool(url)
         if url:
@@ -184,8 +200,8 @@ class QdrantSink(ThreadedStore):
             if not self._server:
                 return  # qdrant-client's local engine ignores payload indexes (it scans)
             existing = self._client.get_collection(self.collection).payload_schema or {}
-            schema = {"keyword": models.PayloadSchemaType.KEYWORD, "integer": models.PayloadSchemaType.INTEGER}
-            for field_name, kind in PAYLOAD_INDEXES.items():
+            schema = {kind: getattr(models.PayloadSchemaType, kind.upper()) for kind in INDEX_KINDS}
+            for field_name, kind in self.payload_indexes.items():
                 if field_name not in existing:  # idempotent on a server too; skip the round trip
                     self._client.create_payload_index(self.collection, field_name=field_name, field_schema=schema[kind], wait=True)
 

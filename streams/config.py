@@ -77,6 +77,13 @@ def _text(text: str) -> str:
     return text
 
 
+def _payload_indexes(text: str) -> str:
+    from processors.sink import parse_payload_indexes
+
+    parse_payload_indexes(text)  # a bad entry is a start-up error naming the setting
+    return text
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -117,6 +124,8 @@ OPTIONS: tuple[Option, ...] = (
            "Engine of the embedded path store: edge (qdrant-edge, one shard per collection) or local (qdrant-client, sqlite)"),
     Option("collection", "texts", _nonempty, "Qdrant collection"),
     Option("store_text", True, _bool, "Keep the text in the point payload"),
+    Option("payload_indexes", "", _payload_indexes,
+           "Extra payload indexes, field:kind,... (kinds: keyword, integer, float, bool, datetime, text, uuid); id and chunk_index always"),
     Option("long_text", "chunk", _choice("chunk", "truncate"),
            "A text over the model's token limit: chunk (several points) or truncate (its first tokens)"),
     Option("chunk_overlap_tokens", 32, _non_negative_int, "Tokens a chunk repeats from the end of the previous one"),
@@ -177,6 +186,7 @@ class Settings:
     qdrant_engine: str
     collection: str
     store_text: bool
+    payload_indexes: str
     long_text: str
     chunk_overlap_tokens: int
     dlq_max_payload_bytes: int

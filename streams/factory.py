@@ -7,7 +7,7 @@ import os
 from processors.cache import RedisCache, VectorCache
 from processors.edge_sink import EdgeSink
 from processors.embedder import SentenceTransformerEmbedder
-from processors.sink import QdrantSink, SinkConfigError
+from processors.sink import QdrantSink, SinkConfigError, parse_payload_indexes
 from streams.config import Settings
 from streams.metrics import Metrics
 
@@ -20,7 +20,7 @@ def build_sink(settings: Settings, collection: str | None = None) -> QdrantSink 
     """A server (URL), an embedded path store (EMBEDWORKER_QDRANT_ENGINE picks edge or local), or in memory."""
     collection = collection or settings.collection
     if settings.qdrant_path and not settings.qdrant_url and settings.qdrant_engine == "edge":
-        return EdgeSink(collection=collection, path=settings.qdrant_path)
+        return EdgeSink(collection=collection, path=settings.qdrant_path, payload_indexes=parse_payload_indexes(settings.payload_indexes))
     if settings.qdrant_path and not settings.qdrant_url and os.path.isfile(
         os.path.join(settings.qdrant_path, collection, "edge_config.json")
     ):
@@ -29,6 +29,7 @@ def build_sink(settings: Settings, collection: str | None = None) -> QdrantSink 
         )
     return QdrantSink(
         collection=collection,
+        payload_indexes=parse_payload_indexes(settings.payload_indexes),
         url=settings.qdrant_url or None,
         api_key=settings.qdrant_api_key or None,
         path=settings.qdrant_path or None,

@@ -234,3 +234,24 @@ async def test_edge_upserts_survive_sigkill(tmp_path):
         assert (await sink.retrieve([last]))[last][1] == {"i": n - 1}
     finally:
         await sink.close()
+
+
+async def test_payload_indexes_on_the_edge_engine_id_chunk_index_and_configured_fields(tmp_path):
+    """Filters on `id` and `chunk_index` (deletes, chunk replacement) and configured metadata fields are indexed."""
+    import qdrant_edge as qe
+
+    from processors.sink import parse_payload_indexes
+
+    sink = EdgeSink(collection="c", path=str(tmp_path), payload_indexes=parse_payload_indexes("metadata.lang:keyword,metadata.ts:integer"))
+    try:
+        await sink.ensure_collection(DIM)
+        await sink.upsert([Point(id=p.id, vector=p.vector, payload={"id": f"d{i}", "chunk_index": 0, "metadata": {"lang": "en" if i % 2 else "de", "ts": i}})
+                           for i, p in enumerate(points(10))])
+        schema = await sink._call(lambda: sink._open().info().payload_schema)
+        assert {"id", "chunk_index", "metadata.lang", "metadata.ts"} <= set(schema)
+        english = qe.Filter(must=[qe.FieldCondition(key="metadata.lang", match=qe.MatchValue("en"))])
+        assert await sink._call(lambda: sink._open().count(qe.CountRequest(filter=english))) == 5
+    finally:
+        await sink.close()
+    with pytest.raises(ValueError, match="field:kind"):
+        parse_payload_indexes("metadata.lang")

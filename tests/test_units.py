@@ -329,6 +329,8 @@ def test_settings_from_environment_and_flags():
         ({"EMBEDWORKER_KAFKA_SECURITY_PROTOCOL": "TLS"}, "EMBEDWORKER_KAFKA_SECURITY_PROTOCOL"),
         ({"EMBEDWORKER_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "EMBEDWORKER_KAFKA_SASL_USERNAME"),
         ({"EMBEDWORKER_OUTPUT_TOPIC": "texts"}, "EMBEDWORKER_OUTPUT_TOPIC"),
+        ({"EMBEDWORKER_PAYLOAD_INDEXES": "metadata.lang:keyword,metadata.ts:number"}, "EMBEDWORKER_PAYLOAD_INDEXES"),
+        ({"EMBEDWORKER_LONG_TEXT": "cut"}, "EMBEDWORKER_LONG_TEXT"),
     ],
 )
 def test_bad_setting_names_itself(environ, setting):
