@@ -131,6 +131,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("chunk_overlap_tokens", 32, _non_negative_int, "Tokens a chunk repeats from the end of the previous one"),
     Option("embed_retry_seconds", 1.0, _positive_float,
            "How long a failing batch is retried before a probe text tells a poison text from a model outage"),
+    Option("pass_headers", "", _text,
+           "Input Kafka headers copied onto the result and the dead letter, comma-separated (traceparent/tracestate always)"),
     Option("dlq_max_payload_bytes", 64 * 1024, _non_negative_int,
            "Most bytes of the original payload a dead letter carries (the rest: its size and sha256)"),
     Option("model", "all-MiniLM-L6-v2", _nonempty, "Model name or path (default: the bundled all-MiniLM-L6-v2)"),
@@ -190,6 +192,7 @@ class Settings:
     long_text: str
     chunk_overlap_tokens: int
     dlq_max_payload_bytes: int
+    pass_headers: str
     embed_retry_seconds: float
     model: str
     device: str

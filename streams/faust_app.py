@@ -197,10 +197,10 @@ class _Runtime:
             message.decref()  # take_events' own ack now makes them committable
         log.debug("batch of %d: %d results, %d dead letters", len(messages), len(results), len(failures))
 
-    def _send(self, topic: str, key: bytes | None, value: bytes) -> Any:
+    def _send(self, topic: str, key: bytes | None, value: bytes, headers: Any = ()) -> Any:
         # force: publish now, never as a Faust "attachment" held until commit.
         target = self.output if topic == self.settings.output_topic else self.dlq
-        return target.send(key=key, value=value, force=True)
+        return target.send(key=key, value=value, headers=list(headers) or None, force=True)
 
 
 class _EmbedApp(faust.App):

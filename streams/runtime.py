@@ -170,6 +170,8 @@ class Worker:
         )
         self._epochs: dict[TopicPartition, int] = {}
         self._next_epoch = 1
+        # W3C trace context always travels with a message; other headers only when named.
+        self._pass_headers = frozenset({"traceparent", "tracestate", *settings.pass_headers.split(",")} - {""})
         self.limits = Limits(max_message_bytes=settings.max_message_bytes, max_text_bytes=settings.max_text_bytes)
         self.tracker = OffsetTracker()
         self.batcher: Batcher[Fetched] = Batcher(
@@ -197,7 +199,7 @@ class Worker:
         # The steps, built back to front: each hands its work to the next.
         self.finish = Finish(tracker=self.tracker)
         self.publisher = Publisher(
-            send=lambda topic, key, value: self._producer.send(topic, value=value, key=key),
+            send=lambda topic, key, value, headers=(): self._producer.send(topic, value=value, key=key, headers=headers),
             send_many=lambda topic, records: self._producer.send_many(topic, records),
             on_error=lambda kind, error: m.publish_errors.labels(kind=kind, error=error).inc(),
         )
@@ -406,6 +408,8 @@ class Worker:
             return  # already in flight here (re-fetched after a seek)
         size = len(message.value or b"") + len(message.key or b"")
         item = Fetched(tp, message.offset, timestamp, message.key, message.value, size, self._epochs.get(tp, 0))
+        if message.headers:
+            item.headers = tuple((k, v) for k, v in message.headers if k in self._pass_headers)
         self.finish.admit(item)
         self.stats.consumed += 1
         self.metrics.messages_consumed.inc()

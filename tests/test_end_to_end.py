@@ -79,3 +79,22 @@ async def test_cache_hits_across_restarts_and_replay_overwrites(services, embedd
     assert await sink.count() == 3
     points = await sink.retrieve([point_id("a")])
     assert points[point_id("a")][1]["text"] == TEXTS[2]
+
+
+async def test_trace_context_and_named_headers_reach_the_result_on_a_real_broker(services, embedder):
+    from streams.kafka import make_producer
+
+    settings = await make_settings(services, partitions=1, pass_headers="x-tenant")
+    trace = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for i in range(3):
+            await producer.send_and_wait(settings.input_topic, event(f"h{i}", f"a text with headers {i}"), key=f"h{i}".encode(),
+                                         headers=[("traceparent", trace), ("x-tenant", b"acme"), ("x-other", b"no")])
+    finally:
+        await producer.stop()
+    async with running_worker(settings, embedder) as worker:
+        await wait_until(lambda: worker.stats.processed == 3, timeout=60, what="the events")
+    results = await read_topic(settings, settings.output_topic, expect=3)
+    assert all(dict(r.headers) == {"traceparent": trace, "x-tenant": b"acme"} for r in results)

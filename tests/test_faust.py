@@ -198,7 +198,7 @@ async def test_faust_batch_abandoned_midway_stays_held_so_faust_cannot_commit_it
     runtime = app.embed_runtime
     sent: list[bytes] = []
 
-    async def send(topic, key, value):
+    async def send(topic, key, value, headers=()):
         sent.append(value)
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)

@@ -277,7 +277,7 @@ async def test_a_retry_sends_again_what_came_after_a_failed_record_of_the_same_k
         calls["n"] += 1
         loop = asyncio.get_running_loop()
         out = []
-        for index, (key, value) in enumerate(records):
+        for index, (key, value, _) in enumerate(records):
             ack = loop.create_future()
             if calls["n"] == 1 and index == 0:
                 from aiokafka.errors import KafkaConnectionError
@@ -289,9 +289,24 @@ async def test_a_retry_sends_again_what_came_after_a_failed_record_of_the_same_k
             out.append(([index], ack))
         return out
 
-    async def send(topic, key, value):
+    async def send(topic, key, value, headers=()):
         raise AssertionError("send_many covers these")
 
     publisher = Publisher(send=send, send_many=send_many, backoff=Backoff(base_seconds=0.001, cap_seconds=0.001))
     await publisher.publish([OutRecord("out", b"x", b"x@3"), OutRecord("out", b"x", b"x@7"), OutRecord("out", b"y", b"y@1")])
     assert log[-1] == b"x@7" and log.index(b"x@3") < len(log) - 1  # x's last result is still its last event
+
+
+async def test_trace_context_and_named_headers_travel_to_results_and_dead_letters():
+    broker = MemoryBroker()
+    settings = memory_settings(broker, pass_headers="x-tenant")
+    trace = ("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    headers = (trace, ("x-tenant", b"acme"), ("x-secret", b"not-copied"))
+    async with worker_on(broker, settings):
+        broker.append(settings.input_topic, body("a", "some text"), partition=0, headers=headers)
+        broker.append(settings.input_topic, b"{not json", partition=0, headers=headers)
+        await until(lambda: broker.committed(settings.group_id, input_tp(settings)) == 2, "both messages")
+    (result,) = broker.records(settings.output_topic)
+    (letter,) = broker.records(settings.dlq_topic)
+    assert dict(result.headers) == {"traceparent": trace[1], "x-tenant": b"acme"}
+    assert dict(letter.headers) == {"traceparent": trace[1], "x-tenant": b"acme"}

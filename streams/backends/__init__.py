@@ -53,11 +53,12 @@ class Producer(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Awaitable[Any]:
+    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                   headers: Sequence[tuple[str, bytes]] = ()) -> Awaitable[Any]:
         """Queue one record; the returned future resolves when the broker acknowledges it."""
         ...
 
-    async def send_many(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> list[tuple[list[int], Awaitable[Any]]]:
+    async def send_many(self, topic: str, records: Sequence[tuple[bytes | None, bytes, Sequence[tuple[str, bytes]]]]) -> list[tuple[list[int], Awaitable[Any]]]:
         """Queue many records of one topic in as few batches as fit; (record indices, acknowledgement) per batch."""
         ...
 

@@ -107,16 +107,17 @@ class KafkaProducer:
     async def stop(self) -> None:
         await self.producer.stop()
 
-    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Any:
-        return await self.producer.send(topic, value=value, key=key)
+    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                   headers: Sequence[tuple[str, bytes]] = ()) -> Any:
+        return await self.producer.send(topic, value=value, key=key, headers=list(headers) or None)
 
-    async def send_many(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> list[tuple[list[int], Any]]:
-        """Queue `records` (key, value); returns (indices of records, acknowledgement) per batch sent."""
+    async def send_many(self, topic: str, records: Sequence[tuple[bytes | None, bytes, Sequence[tuple[str, bytes]]]]) -> list[tuple[list[int], Any]]:
+        """Queue `records` (key, value, headers); returns (indices of records, acknowledgement) per batch sent."""
         from aiokafka.errors import MessageSizeTooLargeError
 
         partitions = sorted(await self.producer.partitions_for(topic))
         groups: dict[int, list[int]] = {}
-        for index, (key, _) in enumerate(records):
+        for index, (key, _, _) in enumerate(records):
             if key is None:
                 partition = partitions[self._round_robin % len(partitions)]
                 self._round_robin += 1
@@ -127,11 +128,11 @@ class KafkaProducer:
         for partition, indices in groups.items():
             batch, members = self.producer.create_batch(), []
             for index in indices:
-                key, value = records[index]
-                if batch.append(key=key, value=value, timestamp=None) is None:
+                key, value, headers = records[index]
+                if batch.append(key=key, value=value, timestamp=None, headers=list(headers)) is None:
                     sent.append((members, await self.producer.send_batch(batch, topic, partition=partition)))
                     batch, members = self.producer.create_batch(), []
-                    if batch.append(key=key, value=value, timestamp=None) is None:
+                    if batch.append(key=key, value=value, timestamp=None, headers=list(headers)) is None:
                         raise MessageSizeTooLargeError(f"a {len(value)}-byte record does not fit a batch")
                 members.append(index)
             if members:

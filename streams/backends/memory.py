@@ -33,6 +33,7 @@ class Record:
     value: bytes | None
     timestamp: int
     control: bool = False
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass
@@ -60,7 +61,7 @@ class MemoryBroker:
         self.logs.setdefault(name, [[] for _ in range(partitions)])
 
     def append(self, topic: str, value: bytes | None, key: bytes | None = None, *, partition: int | None = None,
-               control: bool = False) -> Record:
+               control: bool = False, headers: tuple[tuple[str, bytes], ...] = ()) -> Record:
         partitions = self.logs.setdefault(topic, [[]])
         if partition is None:
             if key is not None:
@@ -68,7 +69,7 @@ class MemoryBroker:
             else:
                 partition, self._round_robin = self._round_robin % len(partitions), self._round_robin + 1
         log = partitions[partition]
-        record = Record(topic, partition, len(log), key, value, int(time.time() * 1000), control)
+        record = Record(topic, partition, len(log), key, value, int(time.time() * 1000), control, tuple(headers))
         log.append(record)
         self._data.set()
         return record
@@ -249,7 +250,8 @@ class MemoryProducer:
     async def stop(self) -> None:
         return None
 
-    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> "asyncio.Future[Record]":
+    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                   headers: Any = ()) -> "asyncio.Future[Record]":
         future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
         size = len(value or b"") + len(key or b"")
         if self.broker.refuse_larger_than is not None and size > self.broker.refuse_larger_than:
@@ -257,11 +259,11 @@ class MemoryProducer:
         elif self.broker.fail_sends or self.fail_sends:
             future.set_exception(KafkaConnectionError("injected: broker unreachable"))
         else:
-            record = self.broker.append(topic, value, key)
+            record = self.broker.append(topic, value, key, headers=tuple(headers or ()))
             future.set_result(record)
             self.records.append((time.monotonic(), record))
             self.sent += 1
         return future
 
     async def send_many(self, topic: str, records: list[tuple[bytes | None, bytes]]) -> list[tuple[list[int], "asyncio.Future[Any]"]]:
-        return [([i], await self.send(topic, value=value, key=key)) for i, (key, value) in enumerate(records)]
+        return [([i], await self.send(topic, value=value, key=key, headers=headers)) for i, (key, value, headers) in enumerate(records)]

@@ -63,6 +63,8 @@ class Fetched:
     epoch: int = 0
     """The assignment of its partition it was fetched under (see `Worker.live`)."""
     event: InputEvent | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    """The input's Kafka headers that are carried over to its result or dead letter."""
 
     @property
     def message_id(self) -> str:

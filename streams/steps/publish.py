@@ -45,16 +45,17 @@ class OutRecord:
     """`result` or `dead_letter`: a bounded metric label."""
     live: Callable[[], bool] | None = None
     """False once the record's input is fenced (its partition revoked): then it is not sent (again)."""
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def dead_letter_record(
     *, topic: str, source: SourcePosition, key: bytes | None, payload: bytes | None, kind: str, message: str,
-    max_payload_bytes: int, live: Callable[[], bool] | None = None,
+    max_payload_bytes: int, live: Callable[[], bool] | None = None, headers: tuple[tuple[str, bytes], ...] = (),
 ) -> OutRecord:
     """A message's dead letter, keyed like the input, with its payload capped (and a bare fallback)."""
     value = encode_dead_letter(kind=kind, message=message, source=source, payload=payload, max_payload_bytes=max_payload_bytes)
     bare = encode_dead_letter(kind=kind, message=message[:1000], source=source, payload=payload, max_payload_bytes=0)
-    return OutRecord(topic, key if key is None or len(key) <= _MAX_KEY_BYTES else None, value, bare, "dead_letter", live)
+    return OutRecord(topic, key if key is None or len(key) <= _MAX_KEY_BYTES else None, value, bare, "dead_letter", live, headers)
 
 
 def error_label(exc: BaseException) -> str:
@@ -77,8 +78,8 @@ class Publisher:
     def __init__(
         self,
         *,
-        send: Callable[[str, bytes | None, bytes], Awaitable[Any]],
-        send_many: Callable[[str, list[tuple[bytes | None, bytes]]], Awaitable[list[tuple[list[int], Any]]]] | None = None,
+        send: Callable[[str, bytes | None, bytes, tuple[tuple[str, bytes], ...]], Awaitable[Any]],
+        send_many: Callable[[str, list[tuple[bytes | None, bytes, tuple[tuple[str, bytes], ...]]]], Awaitable[list[tuple[list[int], Any]]]] | None = None,
         on_error: Callable[[str, str], None] = lambda kind, error: None,
         backoff: Backoff | None = None,
     ) -> None:
@@ -116,7 +117,7 @@ class Publisher:
                         "the broker refused a %d-byte dead letter for %s (%s); sending it without its payload",
                         len(record.value), record.topic, type(outcome).__name__,
                     )
-                    retry.append(OutRecord(record.topic, record.key, record.fallback, None, record.kind))
+                    retry.append(OutRecord(record.topic, record.key, record.fallback, None, record.kind, record.live, record.headers))
                 else:
                     raise PublishError(
                         f"the broker refused a {len(record.value)}-byte record for {record.topic} "
@@ -142,13 +143,14 @@ class Publisher:
         if self._send_many is not None and len(records) > 1 and len(topics) == 1:
             # Results and bare dead letters are small: whole accumulator batches, one future each.
             try:
-                acks = await self._send_many(records[0].topic, [(r.key, r.value) for r in records])
+                acks = await self._send_many(records[0].topic, [(r.key, r.value, r.headers) for r in records])
                 singles = []
             except Exception:  # e.g. one record too large for a batch: send them one by one
                 acks, singles = [], list(range(len(records)))
         for index in singles:
             try:
-                acks.append(([index], await self._send(records[index].topic, records[index].key, records[index].value)))
+                record = records[index]
+                acks.append(([index], await self._send(record.topic, record.key, record.value, record.headers)))
             except Exception as exc:  # the client refused it before sending
                 acks.append(([index], _failed(exc)))
         results = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
@@ -211,7 +213,8 @@ class Publish:
             results, failures = split_outcomes([(item, o) for item, o in zip(batch, outcomes) if self.live(item)])
             if results:
                 await self.publisher.publish(
-                    [OutRecord(self.output_topic, o.event.id.encode("utf-8"), o.result.encode(), live=partial(self.live, item))  # type: ignore[union-attr]
+                    [OutRecord(self.output_topic, o.event.id.encode("utf-8"), o.result.encode(), live=partial(self.live, item),  # type: ignore[union-attr]
+                               headers=item.headers)
                      for item, o in results],
                     batch_id=batch_id,
                 )
@@ -235,7 +238,7 @@ class Publish:
             source = SourcePosition(topic=item.tp.topic, partition=item.tp.partition, offset=item.offset)
             records.append(dead_letter_record(
                 topic=self.dlq_topic, source=source, key=item.key, payload=item.value, kind=kind, message=message,
-                max_payload_bytes=self.dlq_max_payload_bytes, live=partial(self.live, item),
+                max_payload_bytes=self.dlq_max_payload_bytes, live=partial(self.live, item), headers=item.headers,
             ))
         await self.publisher.publish(records, batch_id=batch_id)
         done = [item for item, _, _ in failures if self._settle(item)]
