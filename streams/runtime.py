@@ -53,7 +53,7 @@ from streams.steps.publish import DeadLetters, Publish, Publisher, PublishError 
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.1
-_TRIM_INTERVAL_SECONDS = 1.0
+_TRIM_INTERVAL_SECONDS = 0.2
 _LOGGED_PAUSE_SECONDS = 1.0
 """Pauses shorter than this are counted but logged at DEBUG: a fast pipeline pauses often and briefly."""
 
