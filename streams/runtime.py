@@ -254,14 +254,11 @@ class Worker:
         self.metrics.batch_size.observe(len(batch))
         self.stats.batches += 1
         self.stats.batch_sizes.append(len(batch))
-        self.metrics.in_flight_batches.set(self.embed_store_size())
+        self.metrics.in_flight_batches.set(self.in_flight_batches)
 
     def _batch_done(self, batch: list[Fetched], seconds: float) -> None:
         self.metrics.batch_seconds.observe(seconds)
         self.observer.on_batch_done(len(batch))
-
-    def embed_store_size(self) -> int:
-        return len(self.embed_store.tasks)
 
     def _count_results(self, results: list[tuple[Fetched, Outcome]], finished_at: float) -> None:
         for item, outcome in results:

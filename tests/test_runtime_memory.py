@@ -88,7 +88,10 @@ async def test_results_and_commits_follow_offsets_when_a_later_batch_is_ready_fi
         for i in range(24):
             broker.append(settings.input_topic, body(f"id-{i}", f"text {i}"), partition=0)
         await until(lambda: worker.in_flight_batches == 3, "three batches in flight")
-        await asyncio.sleep(0.05)  # the later batches run to their turn; a timer, not a condition
+        # The two later batches have looked up and embedded their texts: they wait for their turn.
+        later = sum(list(worker.stats.batch_sizes)[1:3])
+        await until(lambda: (worker.metrics.registry.get_sample_value("embedworker_cache_misses_total") or 0) >= later,
+                    "the later batches to be ready to write")
         assert broker.records(settings.output_topic) == []  # no result overtakes the gated first batch
         assert (broker.committed(settings.group_id, input_tp(settings)) or 0) == 0
         gate.set()
