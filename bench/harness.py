@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 import orjson
@@ -477,8 +477,10 @@ async def new_settings(ctx: Context, *, partitions: int = 2, **overrides: Any) -
     return settings
 
 
-def encode_events(texts: Sequence[str], prefix: str) -> list[bytes]:
-    return [orjson.dumps({"id": f"{prefix}-{i}", "text": t, "metadata": {"n": i}}) for i, t in enumerate(texts)]
+def encode_events(texts: Sequence[str], prefix: str, ids: Sequence[str] | None = None) -> list[bytes]:
+    """Upsert events of `texts`, ids `ids` (default `prefix-i`)."""
+    ids = ids if ids is not None else [f"{prefix}-{i}" for i in range(len(texts))]
+    return [orjson.dumps({"id": ids[i], "text": t, "metadata": {"n": i}}) for i, t in enumerate(texts)]
 
 
 async def produce_backlog(settings: Any, values: Sequence[bytes]) -> None:
@@ -498,11 +500,12 @@ class WorkerParts:
     """Sink and cache (Redis, own prefix) for one worker run.
 
     The sink is the worker's default embedded store, qdrant-edge with its write-ahead log,
-    in a fresh directory; `EMBEDWORKER_BENCH_SINK=memory` uses qdrant-client's in-memory
-    engine instead (the store of runs before 2026-11-22 09:40 UTC).
+    in a fresh directory; `EMBEDWORKER_BENCH_SINK=memory` (or `sink_kind="memory"`) uses
+    qdrant-client's in-memory engine instead (the store of runs before 2026-11-22 09:40 UTC).
+    Sparse vectors as `settings.sparse` says.
     """
 
-    def __init__(self, ctx: Context, settings: Any) -> None:
+    def __init__(self, ctx: Context, settings: Any, sink_kind: str | None = None) -> None:
         import tempfile
 
         from processors.cache import RedisCache
@@ -510,11 +513,11 @@ class WorkerParts:
         from processors.sink import QdrantSink
 
         self._directory: str | None = None
-        if os.environ.get("EMBEDWORKER_BENCH_SINK", "edge") == "memory":
-            self.sink: Any = QdrantSink(collection=settings.collection)
+        if (sink_kind or os.environ.get("EMBEDWORKER_BENCH_SINK", "edge")) == "memory":
+            self.sink: Any = QdrantSink(collection=settings.collection, sparse=settings.sparse)
         else:
             self._directory = tempfile.mkdtemp(prefix="embedworker-bench-")
-            self.sink = EdgeSink(collection=settings.collection, path=self._directory)
+            self.sink = EdgeSink(collection=settings.collection, path=self._directory, sparse=settings.sparse)
         self.cache = RedisCache(url=ctx.redis.url, prefix=f"bench:{settings.collection}:")
 
     async def close(self) -> None:
@@ -592,13 +595,20 @@ async def run_worker_backlog(
     settings_overrides: dict[str, Any] | None = None,
     timeout: float = 900.0,
     profile_seconds: float = 0.0,
+    ids: Sequence[str] | None = None,
+    sink_kind: str | None = None,
+    after: Callable[[Any], Awaitable[Any]] | None = None,
 ) -> dict[str, Any]:
-    """Produce `texts` as a backlog, start the Worker, time first consumed -> last acked."""
+    """Produce `texts` as a backlog, start the Worker, time first consumed -> last acked.
+
+    `ids`: the events' ids (default `collection-i`); `sink_kind`: see `WorkerParts`;
+    `after(sink)`: awaited once the backlog is stored, before the sink closes (its result: "after").
+    """
     from streams.metrics import Metrics
 
     settings = await new_settings(ctx, **(settings_overrides or {}))
-    await produce_backlog(settings, encode_events(texts, settings.collection))
-    parts = WorkerParts(ctx, settings)
+    await produce_backlog(settings, encode_events(texts, settings.collection, ids))
+    parts = WorkerParts(ctx, settings, sink_kind)
     metrics = Metrics()
     timed = TimedEmbedder(embedder or ctx.embedder)
     worker = _bench_worker_class()(
@@ -621,6 +631,10 @@ async def run_worker_backlog(
             raise RuntimeError("worker stopped before processing the backlog")
         if done_wait not in finished:
             raise TimeoutError(f"worker processed {worker.stats.processed}/{len(texts)} in {timeout}s")
+        worker.request_stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, timeout=60)
+        after_result = await after(parts.sink) if after is not None else None
     finally:
         worker.request_stop()
         with contextlib.suppress(Exception):
@@ -653,6 +667,7 @@ async def run_worker_backlog(
         "pauses": worker.stats.pauses,
         "profile": profiler.summary() if profiler is not None else None,
         "pause_reasons": dict(worker.stats.pause_reasons),
+        "after": after_result,
         "load_average_before": load_before,
         "native_threads_before": native_before,
         **cpu.as_dict(),

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ORDER = ["ceiling", "pipeline", "naive", "duplicates", "mixed_lengths", "profile", "latency", "overhead", "chunking"]
+ORDER = ["ceiling", "pipeline", "naive", "duplicates", "mixed_lengths", "profile", "latency", "overhead", "chunking", "http", "processes", "recall"]
 
 
 def _clean(value: Any) -> Any:
@@ -136,6 +136,9 @@ def plot(name: str, result: dict[str, Any], path: Path) -> None:
     if name == "latency":
         _plot_latency(result, path)
         return
+    if name == "recall":
+        _plot_recall(result, path)
+        return
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     if name == "ceiling":
         kinds = [k for k in ("short", "mixed") if k in reps[0]]
@@ -182,6 +185,19 @@ def plot(name: str, result: dict[str, Any], path: Path) -> None:
             "Worker end to end (chunks/s)": [[r["chunks_rate"] for r in reps]],
         }, "chunks / s")
         ax.set_title(f"Chunking: worker {result['ratios']['chunks_over_ceiling']:.2f}x the model on its chunks")
+    elif name == "processes":
+        many = result["parameters"]["processes"]
+        _bars(ax, ["short texts, tiny model"], {
+            "1 worker process": [[r["one_rate"] for r in reps]],
+            f"{many} worker processes, one group": [[r["many_rate"] for r in reps]],
+        }, "messages / s")
+        ax.set_title(f"Worker processes on one host: {result['ratios']['speedup']:.2f}x with {many}")
+    elif name == "http" and reps:
+        _bars(ax, ["short texts, infinity-emb on the CPU"], {
+            "server driven directly (32/request, 4 in flight)": [[r["direct_rate"] for r in reps]],
+            "Worker end to end, http embedder": [[r["worker_rate"] for r in reps]],
+        }, "messages / s")
+        ax.set_title(f"http embedder: worker {result['ratios']['worker_over_direct']:.2f}x the server driven directly")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -216,6 +232,29 @@ def _plot_profile(result: dict[str, Any], path: Path) -> None:
         ax.legend(lines[0] + bars[0], lines[1] + bars[1], fontsize=8, loc="upper right")
     axes[0].set_title("model.encode throughput and memory by batch size")
     axes[1].set_title("model.encode throughput and memory by text length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_recall(result: dict[str, Any], path: Path) -> None:
+    """recall@10 by query kind and search mode (qdrant-edge), one bar per mode."""
+    recall = result["medians"]["edge"]
+    groups = ["keyword", "paraphrase", "mixed", "all"]
+    counts = result["parameters"]["queries"]
+    labels = [f"{g} ({counts[g]})" if g in counts else f"all ({sum(counts.values())})" for g in groups]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    _bars(ax, labels, {
+        "dense (model)": [[recall["dense"][g]] for g in groups],
+        "sparse (BM25)": [[recall["sparse"][g]] for g in groups],
+        "hybrid (RRF k=60)": [[recall["hybrid"][g]] for g in groups],
+        **({"what-if: hybrid, RRF k=2": [[recall["hybrid_k2"][g]] for g in groups]} if "hybrid_k2" in recall else {}),
+    }, "recall@10")
+    ax.set_ylim(0, 1.25)  # room above the bars for the legend
+    ax.legend(fontsize=8, loc="upper center", ncol=4)
+    p = result["parameters"]
+    ax.set_title(f"recall@10 on {sum(counts.values())} labelled queries, {p['labelled_documents']} documents "
+                 f"+ {p['distractors']} demo texts (qdrant-edge)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

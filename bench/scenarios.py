@@ -632,6 +632,9 @@ def _default(name: str) -> Any:
 
 from bench.chunking import chunking  # noqa: E402  (these import `target` from here)
 from bench.overhead import overhead  # noqa: E402
+from bench.recall import recall  # noqa: E402
+from bench.http_server import http  # noqa: E402
+from bench.processes import processes  # noqa: E402
 
 SCENARIOS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "ceiling": ceiling,
@@ -643,4 +646,7 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "latency": latency,
     "overhead": overhead,
     "chunking": chunking,
+    "recall": recall,
+    "http": http,
+    "processes": processes,
 }

@@ -26,6 +26,11 @@ are short, `flush()` takes ~50-100 ms (so the loop stalls that long once per flu
 by default, like a Qdrant server's flush_interval_sec), and `optimize()` takes seconds (~2.5 s
 for 10,000 points, ~8 s for 20,000): never call it on a live worker. Brute-force search needs no index at this
 scale (~3 ms p50 at 20,000 points; ~1.5 ms with HNSW).
+
+Sparse vectors (`sparse="bm25"`): a shard created then also holds the sparse vector `bm25`
+(`Modifier.Idf`) beside the unnamed dense one; the sink computes each point's vector with
+qdrant-edge's own `Bm25` (`processors.sparse`) on its thread, and hybrid search is the
+engine's `Fusion.Rrf(k=RRF_K)` over a dense and a sparse prefetch.
 """
 
 from __future__ import annotations
@@ -41,7 +46,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from processors.threaded import ThreadedStore
-from processors.sink import INDEX_KINDS, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredPoint
+from processors.sink import (
+    INDEX_KINDS, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredPoint, check_sparse_config, sparse_text,
+    split_vector,
+)
+from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder
 from schemas import point_id
 
 log = logging.getLogger(__name__)
@@ -71,10 +80,13 @@ class EdgeSink(ThreadedStore):
     - `flush_interval_seconds`: flush (msync) to disk at most this often after upserts; 0 flushes
       after every upsert. Upserts survive SIGKILL either way (WAL); this bounds what a power
       loss can take and how much WAL the next start replays.
+    - `sparse`: `off` (default) or `bm25`: a BM25 vector per point beside the dense one; a
+      dense-only shard is then a `SinkConfigError`.
     """
 
     def __init__(
-        self, *, collection: str, path: str, flush_interval_seconds: float = 5.0, payload_indexes: dict[str, str] | None = None
+        self, *, collection: str, path: str, flush_interval_seconds: float = 5.0, payload_indexes: dict[str, str] | None = None,
+        sparse: str = SPARSE_OFF,
     ) -> None:
         import qdrant_edge  # noqa: F401  (fail at construction when the package is missing)
 
@@ -86,6 +98,8 @@ class EdgeSink(ThreadedStore):
         self.collection = collection
         self.location = path
         self.payload_indexes = {**PAYLOAD_INDEXES, **(payload_indexes or {})}
+        self.sparse = sparse
+        self._bm25 = bm25_encoder(sparse)
         self._shared = _Shared(os.path.abspath(path), flush_interval_seconds)
 
     # ---- plumbing (everything below `_call` runs on the executor thread) -----------------
@@ -104,6 +118,15 @@ class EdgeSink(ThreadedStore):
 
     def _dir(self) -> str:
         return os.path.join(self._shared.path, self.collection)
+
+    def _stored_sparse(self) -> dict[str, Any] | None:
+        """The shard's `bm25` sparse vector config as recorded on disk; None when it has none (or no shard)."""
+        config_file = os.path.join(self._dir(), _CONFIG_FILE)
+        if not os.path.isfile(config_file):
+            return None
+        with open(config_file, encoding="utf-8") as f:
+            stored = (json.load(f).get("sparse_vectors") or {}).get(SPARSE_VECTOR)
+        return dict(stored) if isinstance(stored, dict) else None
 
     def _stored_size(self) -> int | None:
         """The vector size recorded on disk, None when the shard does not exist."""
@@ -144,7 +167,8 @@ class EdgeSink(ThreadedStore):
                 dim = stored
             elif create_dim is not None:
                 os.makedirs(shared.path, exist_ok=True)
-                config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=create_dim, distance=qe.Distance.Cosine))
+                sparse = {SPARSE_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if self._bm25 else None
+                config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=create_dim, distance=qe.Distance.Cosine), sparse_vectors=sparse)
                 shard = qe.EdgeShard.create(directory, config)
                 dim = create_dim
             else:
@@ -186,6 +210,9 @@ class EdgeSink(ThreadedStore):
                     f"collection {self.collection!r} has vectors of size {size}, the model gives {dim}; "
                     "use another EMBEDWORKER_COLLECTION or re-embed"
                 )
+            if size is not None:  # an existing shard: dense-only with sparse on is refused here
+                stored = self._stored_sparse()
+                check_sparse_config(self.collection, self._bm25 is not None, (stored or {}).get("modifier"), present=stored is not None)
             shard = self._open(create_dim=dim)
             # Idempotent (a no-op when present); deletes and chunk replacement filter on these.
             kinds = {kind: getattr(qe.PayloadSchemaType, kind.capitalize()) for kind in INDEX_KINDS}
@@ -204,11 +231,25 @@ class EdgeSink(ThreadedStore):
 
         def upsert() -> None:
             shard = self._open()
-            structs = [qe.Point(p.id, np.asarray(p.vector, dtype=np.float32).tolist(), p.payload) for p in points]
+            structs = self._structs(points)
             shard.update(qe.UpdateOperation.upsert_points(structs))  # checks the dimension itself
             self._maybe_flush(shard)
 
         await self._call(upsert)
+
+    def _structs(self, points: Sequence[Point]) -> list[Any]:
+        """Engine points, sparse vectors included (on the sink thread: BM25 holds the GIL, a batch at a time)."""
+        import qdrant_edge as qe
+
+        sparse = self._bm25.documents([sparse_text(p) for p in points]) if self._bm25 is not None else None
+        structs = []
+        for i, p in enumerate(points):
+            dense = np.asarray(p.vector, dtype=np.float32).tolist()
+            vector: Any = dense
+            if sparse is not None:
+                vector = {"": dense, SPARSE_VECTOR: qe.SparseVector(list(sparse[i].indices), list(sparse[i].values))}
+            structs.append(qe.Point(p.id, vector, p.payload))
+        return structs
 
     async def write(self, writes: Sequence[DocumentWrite]) -> None:
         import qdrant_edge as qe
@@ -234,7 +275,7 @@ class EdgeSink(ThreadedStore):
             targets = [w for w in writes if not w.points or counts.get(point_id(w.doc_id), 0) > len(w.points)]
             if targets:  # never an empty `should`: an empty filter matches every point
                 shard.update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(should=[clause(w) for w in targets])))
-            structs = [qe.Point(p.id, p.vector.tolist(), p.payload) for w in writes for p in w.points]
+            structs = self._structs([p for w in writes for p in w.points])
             if structs:
                 shard.update(qe.UpdateOperation.upsert_points(structs))
             self._maybe_flush(shard)
@@ -253,8 +294,8 @@ class EdgeSink(ThreadedStore):
                     qe.ScrollRequest(offset=offset, limit=1000, with_payload=True, with_vector=with_vectors)
                 )
                 for r in records:
-                    vector = np.asarray(r.vector, dtype=np.float32) if with_vectors and r.vector is not None else None
-                    found.append(StoredPoint(id=str(r.id), vector=vector, payload=dict(r.payload or {})))
+                    dense, sparse = split_vector(r.vector if with_vectors else None)
+                    found.append(StoredPoint(id=str(r.id), vector=dense, payload=dict(r.payload or {}), sparse=sparse))
                 if offset is None:
                     return found
 
@@ -291,7 +332,7 @@ class EdgeSink(ThreadedStore):
         if not ids:
             return {}
         records = await self._call(lambda: self._open().retrieve(list(ids), with_payload=True, with_vector=True))
-        return {str(r.id): (np.asarray(r.vector, dtype=np.float32), dict(r.payload or {})) for r in records}
+        return {str(r.id): (split_vector(r.vector)[0], dict(r.payload or {})) for r in records}  # type: ignore[misc]
 
     async def scroll_ids(self) -> list[str]:
         """Every point id (for tests and re-embedding)."""
@@ -305,6 +346,34 @@ class EdgeSink(ThreadedStore):
             query=qe.Query.Nearest(np.asarray(vector, dtype=np.float32).tolist()),
             with_payload=True,
         )
+        points = await self._call(lambda: self._open().query(request))
+        return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in points]
+
+    async def has_sparse(self) -> bool:
+        return bool(await self._call(lambda: self._stored_sparse() is not None))
+
+    async def search_sparse(self, sparse: SparseVector, limit: int = 5) -> list[Hit]:
+        import qdrant_edge as qe
+
+        if not sparse:
+            return []  # no token to match (a query of stopwords only)
+        request = qe.QueryRequest(
+            limit=limit,
+            query=qe.Query.Nearest(qe.SparseVector(list(sparse.indices), list(sparse.values)), using=SPARSE_VECTOR),
+            with_payload=True,
+        )
+        points = await self._call(lambda: self._open().query(request))
+        return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in points]
+
+    async def search_hybrid(self, vector: np.ndarray, sparse: SparseVector, limit: int = 5, *, k: int = RRF_K) -> list[Hit]:
+        import qdrant_edge as qe
+
+        prefetches = [qe.Prefetch(limit=limit, query=qe.Query.Nearest(np.asarray(vector, dtype=np.float32).tolist()))]
+        if sparse:  # a query without tokens fuses the dense ranks alone
+            prefetches.append(qe.Prefetch(
+                limit=limit, query=qe.Query.Nearest(qe.SparseVector(list(sparse.indices), list(sparse.values)), using=SPARSE_VECTOR),
+            ))
+        request = qe.QueryRequest(limit=limit, prefetches=prefetches, query=qe.Fusion.Rrf(k=k), with_payload=True)
         points = await self._call(lambda: self._open().query(request))
         return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in points]
 

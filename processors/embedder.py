@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -30,6 +30,8 @@ class Embeddings:
     """float32, shape (n, dim), L2-normalized."""
     truncated: list[bool]
     """Whether each text was cut at the model's token limit."""
+    rejected: dict[int, str] = field(default_factory=dict)
+    """Texts the model refused on their own (index -> reason): dead letters, not outages (an embedding server's 4xx)."""
 
 
 class Embedder(Protocol):

@@ -15,11 +15,12 @@ the same write with n = 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 
@@ -57,6 +58,8 @@ class PipelineHooks:
     on_sink_error: Callable[[], None] = lambda: None
     on_sink_state: Callable[[bool], None] = lambda healthy: None
     on_model_error: Callable[[], None] = lambda: None
+    phase: Callable[[str], ContextManager[Any]] = lambda name: contextlib.nullcontext()
+    """A context around each phase (cache.lookup, embed, cache.fill, store.write): tracing spans."""
 
 
 class Pipeline:
@@ -120,11 +123,19 @@ class Pipeline:
         """Release the model thread; the cache and sink belong to whoever built them."""
         self._embed_executor.shutdown(wait=True, cancel_futures=True)
 
-    async def _embed_once(self, texts: Sequence[str], token_counts: Sequence[int] | None) -> list[np.ndarray]:
+    async def _embed_once(
+        self, texts: Sequence[str], token_counts: Sequence[int] | None
+    ) -> tuple[list[np.ndarray | None], list[str | None]]:
         started = time.perf_counter()
-        result = await self._on_model_thread(self.embedder.embed, list(texts), token_counts)
+        with self.hooks.phase("embed"):
+            result = await self._on_model_thread(self.embedder.embed, list(texts), token_counts)
         self.hooks.on_embed(len(texts), time.perf_counter() - started)
-        return list(result.vectors)
+        if not result.rejected:
+            return list(result.vectors), [None] * len(texts)
+        for message in result.rejected.values():
+            log.warning("text refused by the model: %s", message[:200])
+        vectors = [None if i in result.rejected else v for i, v in enumerate(result.vectors)]
+        return vectors, [result.rejected.get(i) for i in range(len(texts))]
 
     async def _embed_isolating_poison(
         self, texts: Sequence[str], token_counts: Sequence[int] | None = None, *, whole: bool = True
@@ -144,7 +155,7 @@ class Pipeline:
             attempt = 0
             while True:
                 try:
-                    return await self._embed_once(texts, token_counts), [None] * len(texts)
+                    return await self._embed_once(texts, token_counts)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the model's failure is data about this batch
@@ -292,7 +303,8 @@ class Pipeline:
         from_cache: set[str] = set()
         misses: list[str] = []
         try:
-            cached_vectors = await self.cache.get_many(mine, dim)
+            with self.hooks.phase("cache.lookup"):
+                cached_vectors = await self.cache.get_many(mine, dim)
             for digest, vector in zip(mine, cached_vectors):
                 if vector is None:
                     misses.append(digest)
@@ -326,7 +338,8 @@ class Pipeline:
                     future = self._in_flight[digest]
                     if not future.done():
                         future.set_result((vectors.get(digest), errors.get(digest)))
-                await self.cache.set_many(fill)
+                with self.hooks.phase("cache.fill"):
+                    await self.cache.set_many(fill)
         finally:
             for digest in mine:
                 future = self._in_flight.pop(digest)
@@ -375,8 +388,9 @@ class Pipeline:
             try:
                 started = time.perf_counter()
                 # A write once sent runs to its end even if this batch is cancelled: `settle` waits for it.
-                self._writing = asyncio.ensure_future(self.sink.write(alive))
-                await asyncio.shield(self._writing)
+                with self.hooks.phase("store.write"):
+                    self._writing = asyncio.ensure_future(self.sink.write(alive))
+                    await asyncio.shield(self._writing)
                 self.hooks.on_upsert(sum(len(w.points) for w in alive), time.perf_counter() - started)
                 self.hooks.on_sink_state(True)
                 return
@@ -442,7 +456,8 @@ class Pipeline:
         if self.store_text:
             # A one-chunk document keeps its text as sent; a chunk, its span of the normalized text.
             payload["text"] = event.text if count == 1 else chunk.text
-        return Point(id=point_id(event.id, index), vector=vector, payload=payload)
+        # The chunk's text rides along for the sink's sparse (BM25) vector, stored text or not.
+        return Point(id=point_id(event.id, index), vector=vector, payload=payload, text=chunk.text)
 
 
 _PROBE_TEXT = "a probe text to tell a failing model from a poison text"

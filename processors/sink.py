@@ -4,6 +4,12 @@ Like qdrant-client itself, only the location differs: `url=` for a server (API k
 HTTPS), `path=` for an embedded on-disk store, or `:memory:`. Every call runs on one
 dedicated thread: the embedded engine does its work inline and would otherwise block
 the event loop, and one thread keeps upserts in submission order (last write wins).
+
+Sparse vectors (`sparse="bm25"`, `processors.sparse`): each point also gets a BM25 vector
+named `bm25` beside the unnamed dense one, so dense-only search code and collections keep
+working; the sink computes them from the points' texts on its thread, a batch at a time, and
+the collection's sparse vector carries `Modifier.IDF`. Hybrid search fuses a dense and a
+sparse prefetch with the engine's reciprocal rank fusion (k = `RRF_K`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder, missing_sparse_message, sparse_from
 from processors.threaded import ThreadedStore
 from schemas import point_id
 
@@ -30,6 +37,8 @@ class Point:
     id: str
     vector: np.ndarray
     payload: dict[str, Any] = field(default_factory=dict)
+    text: str | None = None
+    """The text the sparse vector is computed from (the chunk's); None: the payload's `text`, if any."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +54,7 @@ class StoredPoint:
     id: str
     vector: np.ndarray | None
     payload: dict[str, Any]
+    sparse: SparseVector | None = None
 
 
 # Payload fields every engine indexes: deletes and chunk replacement filter on them.
@@ -68,6 +78,47 @@ class Hit:
     id: str
     score: float
     payload: dict[str, Any]
+
+
+def split_vector(vector: Any) -> tuple[np.ndarray | None, SparseVector | None]:
+    """A stored point's vector as (dense, sparse): a bare list, or a dict {"": dense, "bm25": sparse}
+    (both engines return the dict once a collection has a sparse vector)."""
+    if vector is None:
+        return None, None
+    if isinstance(vector, dict):
+        dense = vector.get("")
+        sparse = vector.get(SPARSE_VECTOR)
+        return (
+            np.asarray(dense, dtype=np.float32) if dense is not None else None,
+            sparse_from(sparse) if sparse is not None else None,
+        )
+    return np.asarray(vector, dtype=np.float32), None
+
+
+def sparse_text(point: Point) -> str:
+    """What a point's sparse vector is computed from: its chunk text, else its payload text, else nothing."""
+    if point.text is not None:
+        return point.text
+    text = point.payload.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def check_sparse_config(collection: str, wanted: bool, stored_modifier: str | None, *, present: bool) -> None:
+    """Refuse a dense-only collection when sparse vectors are on, and a `bm25` vector without IDF
+    (its scores would be term frequencies only). A sparse collection opened with sparse off is
+    allowed (a worker not yet switched on), but its new points get no sparse vector: say so."""
+    if wanted and not present:
+        raise SinkConfigError(missing_sparse_message(collection))
+    if present and (stored_modifier or "").lower() != "idf":
+        raise SinkConfigError(
+            f"collection {collection!r} has a {SPARSE_VECTOR!r} sparse vector without the IDF modifier; "
+            "embedworker's BM25 needs it: re-embed into a new collection (embedworker reembed)"
+        )
+    if present and not wanted:
+        log.warning(
+            "collection %r has %r sparse vectors but EMBEDWORKER_SPARSE=off: points written now get none, "
+            "and keyword or hybrid search will miss them", collection, SPARSE_VECTOR,
+        )
 
 
 class VectorSink(Protocol):
@@ -104,6 +155,18 @@ class VectorSink(Protocol):
 
     async def search(self, vector: np.ndarray, limit: int = 5) -> list[Hit]: ...
 
+    async def has_sparse(self) -> bool:
+        """Whether the collection exists and has the `bm25` sparse vector."""
+        ...
+
+    async def search_sparse(self, sparse: SparseVector, limit: int = 5) -> list[Hit]:
+        """The best `limit` points by BM25 (IDF from the engine); none for a query without tokens."""
+        ...
+
+    async def search_hybrid(self, vector: np.ndarray, sparse: SparseVector, limit: int = 5, *, k: int = RRF_K) -> list[Hit]:
+        """Dense and sparse candidates (`limit` each) fused by reciprocal rank fusion (constant `k`)."""
+        ...
+
     async def healthy(self) -> bool: ...
 
     async def close(self) -> None: ...
@@ -119,6 +182,8 @@ class QdrantSink(ThreadedStore):
     - `timeout_seconds`: per request to a server.
     - `payload_indexes`: extra payload indexes, {field: kind} (`id` and `chunk_index` always);
       qdrant-client's local engine ignores indexes (it scans).
+    - `sparse`: `off` (default) or `bm25`: a BM25 vector per point beside the dense one
+      (`processors.sparse`); a dense-only collection is then a `SinkConfigError`.
     """
 
     def __init__(
@@ -130,12 +195,15 @@ class QdrantSink(ThreadedStore):
         path: str | None = None,
         timeout_seconds: float = 10.0,
         payload_indexes: dict[str, str] | None = None,
+        sparse: str = SPARSE_OFF,
     ) -> None:
         from qdrant_client import QdrantClient
 
         if url and path:
             raise SinkConfigError("give a Qdrant url or a path, not both")
         self.collection = collection
+        self.sparse = sparse
+        self._bm25 = bm25_encoder(sparse)  # before the client: a missing qdrant-edge fails first
         self.payload_indexes = {**PAYLOAD_INDEXES, **(payload_indexes or {})}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant")
         self._server = bool(url)
@@ -184,11 +252,17 @@ class QdrantSink(ThreadedStore):
                         f"collection {self.collection!r} has vectors of size {size}, the model gives {dim}; "
                         "use another EMBEDWORKER_COLLECTION or re-embed"
                     )
+                stored = (info.config.params.sparse_vectors or {}).get(SPARSE_VECTOR)
+                modifier = getattr(getattr(stored, "modifier", None), "value", None)
+                check_sparse_config(self.collection, self._bm25 is not None, modifier, present=stored is not None)
                 return
             try:
                 self._client.create_collection(
                     self.collection,
                     vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                    sparse_vectors_config=(
+                        {SPARSE_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)} if self._bm25 else None
+                    ),
                 )
             except Exception:
                 # Another member of the group created it meanwhile (409 Conflict): check its size.
@@ -208,27 +282,30 @@ class QdrantSink(ThreadedStore):
         await self._call(ensure)
         await self._call(index)
 
-    async def upsert(self, points: Sequence[Point]) -> None:
+    def _structs(self, points: Sequence[Point]) -> list[Any]:
+        """Engine points, sparse vectors included (on the sink thread: BM25 holds the GIL, a batch at a time)."""
         from qdrant_client import models
 
+        sparse = self._bm25.documents([sparse_text(p) for p in points]) if self._bm25 is not None else None
+        structs = []
+        for i, p in enumerate(points):
+            dense = np.asarray(p.vector, dtype=np.float32).tolist()
+            vector: Any = dense
+            if sparse is not None:
+                vector = {"": dense, SPARSE_VECTOR: models.SparseVector(indices=list(sparse[i].indices), values=list(sparse[i].values))}
+            structs.append(models.PointStruct(id=p.id, vector=vector, payload=p.payload))
+        return structs
+
+    async def upsert(self, points: Sequence[Point]) -> None:
         if not points:
             return
-        structs = [
-            models.PointStruct(id=p.id, vector=p.vector.astype(np.float32).tolist(), payload=p.payload)
-            for p in points
-        ]
-        await self._call(self._client.upsert, self.collection, points=structs, wait=True)
+        await self._call(lambda: self._client.upsert(self.collection, points=self._structs(points), wait=True))
 
     async def write(self, writes: Sequence[DocumentWrite]) -> None:
         from qdrant_client import models
 
         if not writes:
             return
-        structs = [
-            models.PointStruct(id=p.id, vector=np.asarray(p.vector, dtype=np.float32).tolist(), payload=p.payload)
-            for w in writes
-            for p in w.points
-        ]
 
         def surplus_filter(targets: Sequence[DocumentWrite]) -> Any:
             def clause(w: DocumentWrite) -> Any:
@@ -253,6 +330,7 @@ class QdrantSink(ThreadedStore):
             targets = [w for w in writes if not w.points or counts.get(point_id(w.doc_id), 0) > len(w.points)]
             if targets:
                 self._client.delete(self.collection, points_selector=models.FilterSelector(filter=surplus_filter(targets)), wait=True)
+            structs = self._structs([p for w in writes for p in w.points])
             if structs:
                 self._client.upsert(self.collection, points=structs, wait=True)
 
@@ -266,8 +344,8 @@ class QdrantSink(ThreadedStore):
                 self._client.scroll, self.collection, limit=1000, offset=offset, with_payload=True, with_vectors=with_vectors
             )
             for r in records:
-                vector = np.asarray(r.vector, dtype=np.float32) if with_vectors and r.vector is not None else None
-                found.append(StoredPoint(id=str(r.id), vector=vector, payload=dict(r.payload or {})))
+                dense, sparse = split_vector(r.vector if with_vectors else None)
+                found.append(StoredPoint(id=str(r.id), vector=dense, payload=dict(r.payload or {}), sparse=sparse))
             if offset is None:
                 return found
 
@@ -279,7 +357,7 @@ class QdrantSink(ThreadedStore):
         records = await self._call(
             self._client.retrieve, self.collection, ids=list(ids), with_vectors=True, with_payload=True
         )
-        return {str(r.id): (np.asarray(r.vector, dtype=np.float32), dict(r.payload or {})) for r in records}
+        return {str(r.id): (split_vector(r.vector)[0], dict(r.payload or {})) for r in records}  # type: ignore[misc]
 
     async def scroll_ids(self) -> list[str]:
         """Every point id (for tests and re-embedding)."""
@@ -298,6 +376,48 @@ class QdrantSink(ThreadedStore):
             self._client.query_points,
             self.collection,
             query=vector.astype(np.float32).tolist(),
+            limit=limit,
+            with_payload=True,
+        )
+        return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in response.points]
+
+    async def has_sparse(self) -> bool:
+        def check() -> bool:
+            if not self._client.collection_exists(self.collection):
+                return False
+            return SPARSE_VECTOR in (self._client.get_collection(self.collection).config.params.sparse_vectors or {})
+
+        return bool(await self._call(check))
+
+    async def search_sparse(self, sparse: SparseVector, limit: int = 5) -> list[Hit]:
+        from qdrant_client import models
+
+        if not sparse:
+            return []  # no token to match (a query of stopwords only)
+        response = await self._call(
+            self._client.query_points,
+            self.collection,
+            query=models.SparseVector(indices=list(sparse.indices), values=list(sparse.values)),
+            using=SPARSE_VECTOR,
+            limit=limit,
+            with_payload=True,
+        )
+        return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in response.points]
+
+    async def search_hybrid(self, vector: np.ndarray, sparse: SparseVector, limit: int = 5, *, k: int = RRF_K) -> list[Hit]:
+        from qdrant_client import models
+
+        prefetch = [models.Prefetch(query=np.asarray(vector, dtype=np.float32).tolist(), limit=limit)]
+        if sparse:  # a query without tokens fuses the dense ranks alone
+            prefetch.append(models.Prefetch(
+                query=models.SparseVector(indices=list(sparse.indices), values=list(sparse.values)), using=SPARSE_VECTOR, limit=limit,
+            ))
+        # RrfQuery, not FusionQuery(RRF): that one fixes k at 2. A server needs v1.16+ for it.
+        response = await self._call(
+            self._client.query_points,
+            self.collection,
+            prefetch=prefetch,
+            query=models.RrfQuery(rrf=models.Rrf(k=k)),
             limit=limit,
             with_payload=True,
         )

@@ -2,6 +2,8 @@
 
 from schemas.events import (
     DEFAULT_LIMITS,
+    REPLAY_COUNT_HEADER,
+    DeadLetter,
     OP_DELETE,
     OP_UPSERT,
     DeleteResult,
@@ -12,16 +14,20 @@ from schemas.events import (
     ResultEvent,
     SourcePosition,
     content_hash,
+    decode_dead_letter,
     decode_input,
     decode_tombstone,
     encode_dead_letter,
     encode_input,
     normalize_text,
     point_id,
+    replay_count,
 )
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "REPLAY_COUNT_HEADER",
+    "DeadLetter",
     "OP_DELETE",
     "OP_UPSERT",
     "DeleteResult",
@@ -32,10 +38,12 @@ __all__ = [
     "ResultEvent",
     "SourcePosition",
     "content_hash",
+    "decode_dead_letter",
     "decode_input",
     "decode_tombstone",
     "encode_dead_letter",
     "encode_input",
     "normalize_text",
     "point_id",
+    "replay_count",
 ]

@@ -309,3 +309,70 @@ def _utf8_head(head: bytes) -> bool:
         return True
     except UnicodeDecodeError as bad:
         return bad.start >= len(head) - 3 and bad.reason == "unexpected end of data"
+
+
+REPLAY_COUNT_HEADER = "embedworker-replay-count"
+"""Kafka header: how often `embedworker dlq replay` re-published this event (absent: never).
+
+The worker always copies it from an input onto the input's result and dead letter, so a
+replayed event that fails again carries its count into its next dead letter."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetter:
+    """A decoded dead-letter envelope (see `encode_dead_letter`)."""
+
+    error_type: str
+    source: SourcePosition | None
+    payload: bytes | None
+    """The original bytes, exactly; None when the dead letter does not carry all of them."""
+    missing: str | None = None
+    """Why `payload` is None: `truncated` (cut or dropped to fit) or `absent` (no payload)."""
+
+
+def decode_dead_letter(raw: bytes | None) -> DeadLetter:
+    """A dead letter's error type, source and original payload; `InvalidEvent` if it is not one."""
+    if raw is None:
+        raise InvalidEvent("not_a_dead_letter", "empty record")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidEvent("not_a_dead_letter", "not valid JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
+        raise InvalidEvent("not_a_dead_letter", "no 'error' object")
+    error_type = body["error"].get("type")
+    if not isinstance(error_type, str):
+        raise InvalidEvent("not_a_dead_letter", "no error type")
+    src = body.get("source")
+    source = None
+    if isinstance(src, dict) and isinstance(src.get("topic"), str) and isinstance(src.get("partition"), int) \
+            and isinstance(src.get("offset"), int):
+        source = SourcePosition(topic=src["topic"], partition=src["partition"], offset=src["offset"])
+    if body.get("payload_truncated"):
+        # Its head only (or nothing): re-publishing it would send a different, cut event.
+        return DeadLetter(error_type=error_type, source=source, payload=None, missing="truncated")
+    payload, encoding = body.get("payload"), body.get("payload_encoding")
+    if payload is None or encoding == "none":
+        return DeadLetter(error_type=error_type, source=source, payload=None, missing="absent")
+    if encoding == "utf-8" and isinstance(payload, str):
+        # The encoder kept the text only when it round-trips (no lone surrogates).
+        return DeadLetter(error_type=error_type, source=source, payload=payload.encode("utf-8"))
+    if encoding == "base64" and isinstance(payload, str):
+        try:
+            return DeadLetter(error_type=error_type, source=source, payload=base64.b64decode(payload, validate=True))
+        except ValueError:
+            raise InvalidEvent("not_a_dead_letter", "payload is not valid base64") from None
+    raise InvalidEvent("not_a_dead_letter", f"unknown payload encoding {str(encoding)[:20]!r}")
+
+
+def replay_count(headers: Any) -> int | None:
+    """The `REPLAY_COUNT_HEADER` of a record's headers: 0 when absent, None when malformed."""
+    count = 0
+    for name, value in headers or ():
+        if name != REPLAY_COUNT_HEADER:
+            continue
+        text = bytes(value or b"").decode("ascii", "replace").strip()
+        if not text.isdigit() or len(text) > 9:
+            return None  # a garbled count must not read as "never replayed"
+        count = int(text)
+    return count

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -68,10 +69,15 @@ async def assemble(
                 owned.append(cache)
         if embedder is None:
             embedder = await asyncio.get_running_loop().run_in_executor(None, build_embedder, settings)  # seconds of work
+            owned.append(embedder)
         yield Parts(settings, embedder, sink, cache, metrics)
     finally:
         for part in reversed(owned):
+            close = getattr(part, "close", None)
+            if close is None:
+                continue  # the local model holds nothing to release
             try:
-                await part.close()
+                if inspect.isawaitable(result := close()):
+                    await result
             except Exception as exc:  # close the others anyway
                 log.warning("closing %s failed: %s", type(part).__name__, type(exc).__name__)

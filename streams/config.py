@@ -60,6 +60,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError("must be a share between 0 and 1 (0 disables)")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -126,6 +133,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("store_text", True, _bool, "Keep the text in the point payload"),
     Option("payload_indexes", "", _payload_indexes,
            "Extra payload indexes, field:kind,... (kinds: keyword, integer, float, bool, datetime, text, uuid); id and chunk_index always"),
+    Option("sparse", "off", _choice("off", "bm25"),
+           "A sparse vector per point beside the dense one, for keyword and hybrid search (search --sparse, --hybrid): "
+           "off, or bm25 (qdrant-edge's BM25 tokenizer; IDF in the engine)"),
     Option("long_text", "chunk", _choice("chunk", "truncate"),
            "A text over the model's token limit: chunk (several points) or truncate (its first tokens)"),
     Option("chunk_overlap_tokens", 32, _non_negative_int, "Tokens a chunk repeats from the end of the previous one"),
@@ -135,8 +145,25 @@ OPTIONS: tuple[Option, ...] = (
            "Input Kafka headers copied onto the result and the dead letter, comma-separated (traceparent/tracestate always)"),
     Option("dlq_max_payload_bytes", 64 * 1024, _non_negative_int,
            "Most bytes of the original payload a dead letter carries (the rest: its size and sha256)"),
+    Option("dlq_max_ratio", 0.5, _ratio,
+           "Dead-letter breaker: pause when more than this share of a partition's last EMBEDWORKER_DLQ_WINDOW messages are dead letters (0: off)"),
+    Option("dlq_window", 1000, _positive_int,
+           "Dead-letter breaker: messages per partition the ratio is taken over (judged once that many were seen)"),
+    Option("dlq_max_consecutive", 200, _non_negative_int,
+           "Dead-letter breaker: pause at more than this many dead letters in a row on a partition (0: off)"),
     Option("model", "all-MiniLM-L6-v2", _nonempty, "Model name or path (default: the bundled all-MiniLM-L6-v2)"),
     Option("device", "auto", _nonempty, "auto, cpu, cuda, cuda:N or mps"),
+    Option("embedder", "local", _choice("local", "http"),
+           "local (sentence-transformers in this process) or http (an OpenAI-compatible /v1/embeddings server)"),
+    Option("embeddings_url", "", _text, "Base URL of the embeddings server, e.g. http://tei:8080/v1 (embedder http)"),
+    Option("embeddings_api_key", "", _text, "API key of the embeddings server (sent as a bearer token)", secret=True),
+    Option("embeddings_dimensions", 0, _non_negative_int, "Vector size asked of the server (0: what the model gives)"),
+    Option("embeddings_max_batch", 32, _positive_int, "Most inputs in one request to the embeddings server"),
+    Option("embeddings_concurrency", 4, _positive_int, "Requests to the embeddings server in flight at once"),
+    Option("embeddings_encoding", "float", _choice("float", "base64"), "Vector encoding asked of the server"),
+    Option("embeddings_retry_seconds", 10.0, _positive_float, "How long 429, 5xx and transport errors are retried per request"),
+    Option("processes", 1, _positive_int,
+           "Worker processes on this host, each a consumer-group member (needs a Qdrant server; see `run --help`)"),
     Option("torch_threads", 0, _non_negative_int, "torch CPU threads (0: one per core)"),
     Option("metrics_port", 9108, _port, "Port of /metrics (0: off)"),
     Option("metrics_host", "127.0.0.1", _nonempty, "Address /metrics binds to"),
@@ -158,6 +185,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_text_bytes", 100_000, _positive_int, "Largest text accepted (UTF-8 bytes)"),
     Option("commit_interval_ms", 500.0, _positive_float, "How often finished offsets are committed"),
     Option("shutdown_timeout_seconds", 30.0, _positive_float, "Drain deadline on SIGTERM"),
+    Option("tracing", True, _bool, "OpenTelemetry spans per batch when the otel extra is installed and a tracer provider is set"),
     Option("log_format", "text", _choice("text", "json"), "Log format"),
     Option("log_level", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "Log level"),
 )
@@ -189,13 +217,25 @@ class Settings:
     collection: str
     store_text: bool
     payload_indexes: str
+    sparse: str
     long_text: str
     chunk_overlap_tokens: int
     dlq_max_payload_bytes: int
+    dlq_max_ratio: float
+    dlq_window: int
+    dlq_max_consecutive: int
     pass_headers: str
     embed_retry_seconds: float
     model: str
     device: str
+    embedder: str
+    embeddings_url: str
+    embeddings_api_key: str
+    embeddings_dimensions: int
+    embeddings_max_batch: int
+    embeddings_concurrency: int
+    embeddings_encoding: str
+    embeddings_retry_seconds: float
     metrics_port: int
     metrics_host: str
     batch_min_messages: int
@@ -212,11 +252,13 @@ class Settings:
     memory_budget_bytes: int
     fetch_max_records: int
     torch_threads: int
+    processes: int
     fetch_max_wait_ms: int
     max_message_bytes: int
     max_text_bytes: int
     commit_interval_ms: float
     shutdown_timeout_seconds: float
+    tracing: bool
     log_format: str
     log_level: str
 
@@ -254,6 +296,8 @@ def _check(settings: Settings) -> None:
         raise ConfigError("EMBEDWORKER_REDIS_URL", "must start with redis://, rediss:// or unix://")
     if settings.kafka_security_protocol.startswith("SASL") and not settings.kafka_sasl_username:
         raise ConfigError("EMBEDWORKER_KAFKA_SASL_USERNAME", "is required with a SASL security protocol")
+    if settings.embedder == "http" and not settings.embeddings_url.startswith(("http://", "https://")):
+        raise ConfigError("EMBEDWORKER_EMBEDDINGS_URL", "an http:// or https:// URL is required with EMBEDWORKER_EMBEDDER=http")
     if len({settings.input_topic, settings.output_topic, settings.dlq_topic}) < 3:
         raise ConfigError("EMBEDWORKER_OUTPUT_TOPIC", "input, output and dead-letter topics must differ")
 

@@ -6,13 +6,27 @@ import os
 
 from processors.cache import RedisCache, VectorCache
 from processors.edge_sink import EdgeSink
-from processors.embedder import SentenceTransformerEmbedder
+from processors.embedder import Embedder, SentenceTransformerEmbedder
 from processors.sink import QdrantSink, SinkConfigError, parse_payload_indexes
 from streams.config import Settings
 from streams.metrics import Metrics
 
 
-def build_embedder(settings: Settings) -> SentenceTransformerEmbedder:
+def build_embedder(settings: Settings) -> Embedder:
+    """The local model, or a client of an embedding server (`EMBEDWORKER_EMBEDDER=http`)."""
+    if settings.embedder == "http":
+        from processors.http_embedder import HttpEmbedder
+
+        return HttpEmbedder(
+            url=settings.embeddings_url,
+            model=settings.model,
+            api_key=settings.embeddings_api_key or None,
+            dimensions=settings.embeddings_dimensions or None,
+            max_batch=settings.embeddings_max_batch,
+            max_concurrency=settings.embeddings_concurrency,
+            encoding=settings.embeddings_encoding,
+            retry_seconds=settings.embeddings_retry_seconds,
+        )
     return SentenceTransformerEmbedder(model=settings.model, device=settings.device, threads=settings.torch_threads or None)
 
 
@@ -20,7 +34,10 @@ def build_sink(settings: Settings, collection: str | None = None) -> QdrantSink 
     """A server (URL), an embedded path store (EMBEDWORKER_QDRANT_ENGINE picks edge or local), or in memory."""
     collection = collection or settings.collection
     if settings.qdrant_path and not settings.qdrant_url and settings.qdrant_engine == "edge":
-        return EdgeSink(collection=collection, path=settings.qdrant_path, payload_indexes=parse_payload_indexes(settings.payload_indexes))
+        return EdgeSink(
+            collection=collection, path=settings.qdrant_path, payload_indexes=parse_payload_indexes(settings.payload_indexes),
+            sparse=settings.sparse,
+        )
     if settings.qdrant_path and not settings.qdrant_url and os.path.isfile(
         os.path.join(settings.qdrant_path, collection, "edge_config.json")
     ):
@@ -33,6 +50,7 @@ def build_sink(settings: Settings, collection: str | None = None) -> QdrantSink 
         url=settings.qdrant_url or None,
         api_key=settings.qdrant_api_key or None,
         path=settings.qdrant_path or None,
+        sparse=settings.sparse,
     )
 
 

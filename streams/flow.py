@@ -29,6 +29,8 @@ class FlowSignals:
     in_flight_batches: int
     rss_bytes: int
     sink_healthy: bool
+    dead_letter_limit: bool = False
+    """The dead-letter breaker is open (`streams.breaker`): paused until a restart."""
 
 
 class FlowController:
@@ -87,5 +89,9 @@ class FlowController:
             self.active.discard("sink")
         else:
             self.active.add("sink")
+        if signals.dead_letter_limit:
+            self.active.add("dead_letter_limit")
+        else:
+            self.active.discard("dead_letter_limit")
         assert self.active <= set(PAUSE_REASONS)
         return self.active

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-PAUSE_REASONS = ("buffered_messages", "buffered_bytes", "in_flight_batches", "memory", "sink")
+PAUSE_REASONS = ("buffered_messages", "buffered_bytes", "in_flight_batches", "memory", "sink", "dead_letter_limit")
 CACHE_HIT_SOURCES = ("redis", "batch")
 DEAD_LETTER_STAGES = ("decode", "embed")
 CACHE_OPERATIONS = ("get", "set")
@@ -108,6 +108,19 @@ class Metrics:
             "embedworker_backpressure_reason_active", "1 while this reason holds the consumer paused", ["reason"], registry=r
         )
         self.pauses = Counter("embedworker_backpressure_pauses_total", "Transitions to paused", registry=r)
+        self.dead_letter_breaker_open = Gauge(
+            "embedworker_dead_letter_breaker_open",
+            "1 once the dead-letter limit tripped: consumption paused and dead letters held, until a restart",
+            registry=r,
+        )
+        self.dead_letter_breaker_trips = Counter(
+            "embedworker_dead_letter_breaker_trips_total", "Times the dead-letter limit tripped", registry=r
+        )
+        self.dead_letter_breaker_held = Gauge(
+            "embedworker_dead_letter_breaker_held_messages",
+            "Messages held instead of dead-lettered while the breaker is open (uncommitted: replayed after a restart)",
+            registry=r,
+        )
         self.buffered_messages = Gauge("embedworker_buffered_messages", "Messages fetched and not yet finished", registry=r)
         self.buffered_bytes = Gauge("embedworker_buffered_bytes", "Bytes of messages fetched and not yet finished", registry=r)
         self.in_flight_batches = Gauge("embedworker_in_flight_batches", "Batches being processed", registry=r)

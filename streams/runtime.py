@@ -34,10 +34,11 @@ from processors.cache import VectorCache
 from processors.embedder import Embedder, estimate_tokens
 from processors.pipeline import LONG_TEXT_CHUNK, Outcome, Pipeline, PipelineHooks
 from processors.sink import VectorSink
-from schemas import InputEvent, Limits
+from schemas import REPLAY_COUNT_HEADER, InputEvent, Limits
 from streams.backends import Backend
 from streams.backends.kafka import REBALANCE_TIMEOUT_MS, KafkaBackend
 from streams.batching import BatchPolicy, Batcher
+from streams.breaker import DeadLetterBreaker, DeadLetterLimit
 from streams.config import ConfigError, Settings
 from streams.flow import FlowController, FlowSignals, Watermarks
 from streams.memory import release_free_memory, tune_allocator
@@ -49,6 +50,7 @@ from streams.steps.decode import Decode
 from streams.steps.embed_store import EmbedAndStore
 from streams.steps.finish import Finish
 from streams.steps.publish import DeadLetters, Publish, Publisher, PublishError as _PublishError
+from streams.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,7 @@ class Worker:
         self.embedder = embedder
         m = self.metrics
         self._sink_healthy = True
+        self.tracing = Tracing(enabled=settings.tracing)
         hooks = PipelineHooks(
             on_cache=self._count_cache,
             on_embed=lambda texts, seconds: (m.texts_embedded.inc(texts), m.embed_seconds.observe(seconds)),
@@ -162,6 +165,7 @@ class Worker:
             on_sink_error=m.sink_errors.inc,
             on_sink_state=self._set_sink_state,
             on_model_error=m.model_errors.inc,
+            phase=self.tracing.phase,
         )
         self.pipeline = Pipeline(
             embedder=embedder, sink=sink, cache=cache, store_text=settings.store_text, hooks=hooks,
@@ -171,7 +175,15 @@ class Worker:
         self._epochs: dict[TopicPartition, int] = {}
         self._next_epoch = 1
         # W3C trace context always travels with a message; other headers only when named.
-        self._pass_headers = frozenset({"traceparent", "tracestate", *settings.pass_headers.split(",")} - {""})
+        # The replay count too: a replayed event that fails again must carry it to its next dead letter.
+        self._pass_headers = frozenset(
+            {"traceparent", "tracestate", REPLAY_COUNT_HEADER, *settings.pass_headers.split(",")} - {""}
+        )
+        self.breaker = DeadLetterBreaker(limit=DeadLetterLimit(
+            max_ratio=settings.dlq_max_ratio, window=settings.dlq_window, max_consecutive=settings.dlq_max_consecutive,
+        ))
+        self._held: list[Fetched] = []
+        """Would-be dead letters held while the breaker is open: unfinished, so never committed past."""
         self.limits = Limits(max_message_bytes=settings.max_message_bytes, max_text_bytes=settings.max_text_bytes)
         self.tracker = OffsetTracker()
         self.batcher: Batcher[Fetched] = Batcher(
@@ -208,14 +220,19 @@ class Worker:
             output_topic=settings.output_topic, dlq_topic=settings.dlq_topic,
             dlq_max_payload_bytes=settings.dlq_max_payload_bytes,
             on_results=self._count_results, on_dead_letters=self._count_dead_letters,
+            admit_dead_letter=self._admit_dead_letter,
         )
         self.dead_letters = DeadLetters(publish=self.publish, on_error=self._fail)
         self.embed_store = EmbedAndStore(
             pipeline=self.pipeline, publish=self.publish, live=self.live, depth=depth, on_error=self._fail,
             on_slot_free=lambda: self.batch.poll(), on_batch=self._count_batch, on_batch_done=self._batch_done,
+            tracing=self.tracing,
         )
         self.batch = Batch(batcher=self.batcher, next_step=self.embed_store)
-        self.decode = Decode(next_step=self.batch, dead_letters=self.dead_letters, limits=self.limits, tokens=self._tokens)
+        self.decode = Decode(
+            next_step=self.batch, dead_letters=self.dead_letters, limits=self.limits, tokens=self._tokens,
+            on_decoded=lambda item: self.breaker.record_valid(item.tp),
+        )
 
         self._rss = 0
         self._next_trim_at = 0.0
@@ -273,6 +290,36 @@ class Worker:
         if deletes:
             self.metrics.documents_deleted.inc(deletes)
         self.observer.on_published([(item.tp, item.offset) for item, _ in results])
+
+    def _admit_dead_letter(self, item: Fetched) -> bool:
+        """Whether `item` may be dead-lettered; False: the breaker is open and `item` is held here."""
+        if not self.live(item):
+            return True  # fenced: the dead-letter path releases it, the partition's new owner decides
+        was_open = self.breaker.open
+        if self.breaker.admit(item.tp):
+            return True
+        self._held.append(item)
+        self.metrics.dead_letter_breaker_held.set(len(self._held))
+        if not was_open:
+            trip = self.breaker.trip
+            assert trip is not None
+            limit = self.breaker.limit
+            tp = item.tp
+            # One line, counts only (never a payload): what tripped it and what to do.
+            consecutive_limit = f"limit {limit.max_consecutive}" if limit.max_consecutive else "no limit"
+            ratio_limit = f"limit {limit.max_ratio:.0%} of {limit.window}" if limit.max_ratio else "no limit"
+            log.error(
+                "dead-letter limit reached on %s[%d] at offset %d: %d dead letters in a row (%s), %d of the "
+                "last %d messages (%s); consumption paused, dead letters held uncommitted until a restart: fix the "
+                "producer or the worker, then restart (held messages are replayed)",
+                tp.topic, tp.partition, item.offset, trip.consecutive, consecutive_limit,
+                trip.dead_letters_in_window, trip.window_messages, ratio_limit,
+            )
+            self.metrics.dead_letter_breaker_trips.inc()
+            self.metrics.dead_letter_breaker_open.set(1)
+            if self._consumer is not None:
+                self._apply_flow()  # pause now, not at the next fetch round: the rest of this fetch is held anyway
+        return False
 
     def _count_dead_letters(self, count: int, stage: str) -> None:
         self.stats.dead_letters += count
@@ -443,6 +490,7 @@ class Worker:
                 in_flight_batches=len(self.embed_store.tasks) + waiting_batches,
                 rss_bytes=self._rss,
                 sink_healthy=self._sink_healthy,
+                dead_letter_limit=self.breaker.open,
             )
         )
         m = self.metrics
@@ -605,6 +653,15 @@ class Worker:
                 wait,
             )
         self.tracker.forget(revoked)
+        self.breaker.forget(revoked)
+        kept = []
+        for item in self._held:
+            if item.tp in gone:
+                self.finish.release(item)  # the partition's next owner replays it from the commit
+            else:
+                kept.append(item)
+        self._held = kept
+        self.metrics.dead_letter_breaker_held.set(len(kept))
         for tp in revoked:
             self._lag.pop(tp, None)
             labels = {"topic": tp.topic, "partition": str(tp.partition)}

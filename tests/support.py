@@ -146,13 +146,19 @@ async def wait_until(condition: Callable[[], bool | Awaitable[bool]], *, timeout
         await asyncio.sleep(interval)
 
 
-async def produce(settings: Settings, values: list[bytes | None], keys: list[bytes | None] | None = None, topic: str | None = None) -> None:
+async def produce(
+    settings: Settings,
+    values: list[bytes | None],
+    keys: list[bytes | None] | None = None,
+    topic: str | None = None,
+    headers: list[list[tuple[str, bytes]]] | None = None,
+) -> None:
     producer = make_producer(settings, linger_ms=20)
     await producer.start()
     try:
         for index, value in enumerate(values):
             key = keys[index] if keys else None
-            await producer.send(topic or settings.input_topic, value=value, key=key)
+            await producer.send(topic or settings.input_topic, value=value, key=key, headers=headers[index] if headers else None)
         await producer.flush()
     finally:
         await producer.stop()

@@ -1,6 +1,6 @@
 """The benchmark suite's code path, at its smallest: `python -m bench --quick`.
 
-Runs the ceiling and pipeline scenarios with tiny sizes and one repetition against the
+Runs the ceiling, pipeline, overhead and recall scenarios with tiny sizes and one repetition against the
 local broker, a local redis-server and the embedded Qdrant engine (what `make bench`
 uses), and checks what lands on disk. The numbers themselves are not checked: with
 --quick they mean nothing.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO_KEYS = {"scenario", "machine", "parameters", "repetitions", "medians", "ratios", "targets", "quick", "repeat", "table"}
@@ -28,8 +28,8 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "results"
     env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--scenarios", "ceiling,pipeline,overhead", "--device", "cpu", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=360,
+        [sys.executable, "-m", "bench", "--quick", "--scenarios", "ceiling,pipeline,overhead,recall", "--device", "cpu", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
@@ -61,9 +61,22 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     assert {"worker_over_encode", "worker_over_passthrough"} <= set(overhead["ratios"])
     assert (out / "overhead.png").stat().st_size > 0
 
+    # Recall numbers are not checked either (48 distractors make the task easy); what was stored and measured is.
+    recall = json.loads((out / "recall.json").read_text())
+    (runs,) = recall["repetitions"]
+    assert set(runs) == {"edge", "memory"}  # the write-time arm is skipped at quick sizes
+    for run in runs.values():
+        facts = run["facts"]
+        assert facts["points_with_sparse"] == facts["points"] > facts["documents"] > 0 and facts["chunked_documents"] >= 3
+        assert len(run["queries"]) == sum(recall["parameters"]["queries"].values()) >= 20
+        for mode in ("dense", "sparse", "hybrid", "hybrid_k2"):
+            assert 0.0 <= run["recall"][mode]["all"] <= 1.0
+    assert {t["name"] for t in recall["targets"]} == {"hybrid_recall_at_least_dense", "hybrid_recall_at_least_sparse"}
+    assert (out / "recall.png").stat().st_size > 0
+
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["scenarios"]) == {"ceiling", "pipeline", "overhead"}
-    assert summary["targets_total"] == 4
+    assert set(summary["scenarios"]) == {"ceiling", "pipeline", "overhead", "recall"}
+    assert summary["targets_total"] == 6
     table = (out / "README-table.md").read_text()
     assert table.count("\n|") >= 6 and "pipeline, short" in table
     assert "targets passed" in proc.stdout

@@ -15,11 +15,16 @@ from streams.steps.publish import DeadLetters
 
 
 class Decode(Inline):
-    def __init__(self, *, next_step: Batch, dead_letters: DeadLetters, limits: Limits, tokens: Callable[[InputEvent], int]) -> None:
+    def __init__(
+        self, *, next_step: Batch, dead_letters: DeadLetters, limits: Limits, tokens: Callable[[InputEvent], int],
+        on_decoded: Callable[[Fetched], None] = lambda item: None,
+    ) -> None:
         self.next_step = next_step
         self.dead_letters = dead_letters
         self.limits = limits
         self.tokens = tokens
+        # Told here, in offset order, like the dead letters: the breaker counts both in one sequence.
+        self.on_decoded = on_decoded
 
     def submit(self, item: Fetched) -> None:
         try:
@@ -27,4 +32,5 @@ class Decode(Inline):
         except InvalidEvent as exc:
             self.dead_letters.submit([(item, exc.kind, exc.message)])
             return
+        self.on_decoded(item)
         self.next_step.submit(item, self.tokens(item.event))

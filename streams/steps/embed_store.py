@@ -17,6 +17,7 @@ from typing import Callable
 from processors.pipeline import Pipeline
 from streams.steps import Fetched, MessageRejected
 from streams.steps.publish import Publish
+from streams.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class EmbedAndStore:
         on_slot_free: Callable[[], None] = lambda: None,
         on_batch: Callable[[list[Fetched]], None] = lambda batch: None,
         on_batch_done: Callable[[list[Fetched], float], None] = lambda batch, seconds: None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.publish = publish
@@ -42,6 +44,7 @@ class EmbedAndStore:
         self._on_slot_free = on_slot_free
         self._on_batch = on_batch
         self._on_batch_done = on_batch_done
+        self.tracing = tracing or Tracing(enabled=False)
         self.tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self.stopping = False
@@ -67,15 +70,17 @@ class EmbedAndStore:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("batch of %d messages: %s", len(batch), positions(batch), extra={"batch_id": batch_id})
         self._on_batch(batch)
-        try:
-            outcomes = await self.pipeline.process(
-                [item.event for item in batch],  # type: ignore[misc]
-                turn=write_turn,
-                live=lambda index: self.live(batch[index]),
-            )
-        finally:
-            write_turn.end()
-        await self.publish.submit_batch(batch, outcomes, publish_turn, batch_id=batch_id)
+        with self.tracing.batch([item.headers for item in batch], **{"embedworker.batch_id": batch_id}):
+            try:
+                outcomes = await self.pipeline.process(
+                    [item.event for item in batch],  # type: ignore[misc]
+                    turn=write_turn,
+                    live=lambda index: self.live(batch[index]),
+                )
+            finally:
+                write_turn.end()
+            with self.tracing.phase("publish"):
+                await self.publish.submit_batch(batch, outcomes, publish_turn, batch_id=batch_id)
         self._on_batch_done(batch, time.monotonic() - started)
 
     def _done(self, task: asyncio.Task[None]) -> None:

@@ -191,6 +191,7 @@ class Publish:
         dlq_max_payload_bytes: int,
         on_results: Callable[[list[tuple[Fetched, Outcome]], float], None] = lambda results, at: None,
         on_dead_letters: Callable[[int, str], None] = lambda count, stage: None,
+        admit_dead_letter: Callable[[Fetched], bool] = lambda item: True,
     ) -> None:
         self.publisher = publisher
         self.finish = finish
@@ -200,6 +201,8 @@ class Publish:
         self.dlq_max_payload_bytes = dlq_max_payload_bytes
         self._on_results = on_results
         self._on_dead_letters = on_dead_letters
+        self.admit_dead_letter = admit_dead_letter
+        """False: the message is held by the one who answered (the dead-letter breaker), not dead-lettered."""
         self._order = Sequencer()
 
     def take_turn(self) -> Turn:
@@ -222,6 +225,9 @@ class Publish:
                 done = [(item, o) for item, o in results if self._settle(item)]
                 self.finish.submit(item for item, _ in done)
                 self._on_results(done, time.time())
+            # A text the model fails on was counted as valid when it decoded; counting it again
+            # here, late and out of offset order, errs towards tripping, for a rare case.
+            failures = [failure for failure in failures if self.admit_dead_letter(failure[0])]
             if failures:
                 await self.dead_letter(failures, stage="embed", batch_id=batch_id)
             log.debug("batch done: %d results, %d dead letters, %d fenced", len(results), len(failures), len(fenced),
@@ -262,6 +268,11 @@ class DeadLetters:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def submit(self, failures: list[tuple[Fetched, str, str]]) -> None:
+        # Judged here, synchronously in fetch order, not in the task: the breaker's count
+        # must see each dead letter between the valid messages around it.
+        failures = [failure for failure in failures if self.publish.admit_dead_letter(failure[0])]
+        if not failures:
+            return
         task = asyncio.create_task(self.publish.dead_letter(failures, stage="decode"))
         self.tasks.add(task)
         task.add_done_callback(self._done)
