@@ -163,7 +163,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("embeddings_encoding", "float", _choice("float", "base64"), "Vector encoding asked of the server"),
     Option("embeddings_retry_seconds", 10.0, _positive_float, "How long 429, 5xx and transport errors are retried per request"),
     Option("processes", 1, _positive_int,
-           "Worker processes on this host, each a consumer-group member (needs a Qdrant server; see `run --help`)"),
+           "Worker processes on this host, each a consumer-group member (needs a Qdrant server: the embedded and in-memory stores belong to one process)"),
     Option("torch_threads", 0, _non_negative_int, "torch CPU threads (0: one per core)"),
     Option("metrics_port", 9108, _port, "Port of /metrics (0: off)"),
     Option("metrics_host", "127.0.0.1", _nonempty, "Address /metrics binds to"),

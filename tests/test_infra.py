@@ -417,10 +417,14 @@ def test_dockerfile_builds_a_non_root_worker_image() -> None:
                 assert (REPO / source).exists(), f"COPY {source}: no such file"
             copied.add(top)
     pyproject = (REPO / "pyproject.toml").read_text()
-    packages = re.search(r"^packages\s*=\s*\[(.*?)\]", pyproject, flags=re.MULTILINE | re.DOTALL)
-    assert packages, "pyproject.toml lists its packages"
+    packages = re.search(r"^include\s*=\s*\[(.*?)\]", pyproject, flags=re.MULTILINE | re.DOTALL)
+    assert packages, "pyproject.toml names its packages ([tool.setuptools.packages.find] include)"
     for package in re.findall(r'"([^"]+)"', packages.group(1)):
-        assert package.split(".")[0] in copied, f"package {package} is not copied into the image"
+        assert package.rstrip("*").split(".")[0] in copied, f"package {package} is not copied into the image"
+    from setuptools import find_packages
+
+    patterns = re.findall(r'"([^"]+)"', packages.group(1))
+    assert {"streams.steps", "streams.backends", "streams.commands"} <= set(find_packages(where=str(REPO), include=patterns))
     assert ".venv" in ignored and ".git" in ignored
 
 
