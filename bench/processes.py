@@ -5,8 +5,9 @@ path the bound. The same backlog of short unique texts (8 partitions) is consume
 then by N `embedworker run` processes in one consumer group (local broker, Redis). The
 rate is the result events' count over the span of their broker timestamps, first to last,
 so the processes' start-up (model load, group join) is not counted. Each process keeps
-its own in-memory store here (no Qdrant server runs on this machine): that measures the
-host path, which is the question; `run --processes N` itself needs a Qdrant server.
+its own embedded qdrant-edge store here (no Qdrant server runs on this machine): that
+measures the host path, which is the question; `run --processes N` itself needs a Qdrant
+server and refuses an embedded store.
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ async def _run(ctx: Context, model: str, texts: list[str], processes: int) -> di
         "model": model, "torch_threads": max(1, (os.cpu_count() or 1) // processes), "log_level": "WARNING",
     }.items()})
     env["HF_HUB_OFFLINE"] = "1"
-    children = [subprocess.Popen([sys.executable, "-m", "streams.cli", "run"], env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL) for _ in range(processes)]
+    stores = tempfile.mkdtemp(prefix="embedworker-stores-")
+    children = [subprocess.Popen([sys.executable, "-m", "streams.cli", "run"],
+                                 env={**env, "EMBEDWORKER_QDRANT_PATH": os.path.join(stores, str(i))},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(processes)]
     try:
         count, seconds = await _results_span(settings, len(texts), timeout=600)
     finally:
