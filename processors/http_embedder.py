@@ -45,7 +45,8 @@ CHARS_PER_TOKEN = 4
 """Without the model's tokenizer, tokens are estimated at about 4 characters each (English WordPiece/BPE)."""
 
 _REJECTS_INPUT = frozenset({400, 413, 422})
-_PIECE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+# CJK ideographs, kana and hangul are about one token each; other words are cut every 4 characters.
+_PIECE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|[^\W\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+|[^\w\s]", re.UNICODE)
 
 
 class EmbeddingServerError(Exception):
@@ -133,6 +134,7 @@ class HttpEmbedder:
         retry_seconds: float = 10.0,
         encoding: str = "float",
         transport: httpx.BaseTransport | None = None,
+        probe: bool = True,
     ) -> None:
         if encoding not in ("float", "base64"):
             raise ValueError(f"encoding must be float or base64, not {encoding!r}")
@@ -170,8 +172,21 @@ class HttpEmbedder:
         else:
             self._tokenizer, self.max_tokens = None, max_tokens
             self.special_tokens = 0
-            self.max_tokens_per_char = 1 / CHARS_PER_TOKEN
-        self.dim = dimensions or self._probe_dimension()
+            # Punctuation and CJK run at a token a character: only a text of at most
+            # `max_tokens` characters surely fits without counting.
+            self.max_tokens_per_char = 1
+        # One request at start even when the size is given: a wrong URL, key, model name or a size
+        # the model cannot give is one line now, not a batch held later.
+        self.dim = 0  # unknown until the probe answers
+        if probe:
+            probed = self._probe_dimension()
+            if dimensions and probed != dimensions:
+                raise EmbeddingServerError(f"embedding server returned vectors of size {probed}, asked for {dimensions}")
+            self.dim = probed
+        elif dimensions:
+            self.dim = dimensions
+        else:
+            raise ValueError("without the start-up probe the vector size must be given (dimensions)")
         log.info("embeddings from %s, model %s (dim %d, %s tokens)", self.device, model, self.dim,
                  "counted" if self._tokenizer is not None else "estimated")
 
@@ -262,8 +277,8 @@ class HttpEmbedder:
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             retry_after = getattr(exc, "retry_after", None)
-            if retry_after is not None:  # the server said when: believe it, within reason
-                return min(retry_after, 30.0) + random.uniform(0, 0.1)
+            if retry_after is not None:  # the server said when: believe it, within the retry budget
+                return min(retry_after, self.retry_seconds) + random.uniform(0, 0.1)
             return backoff(state)
 
         retrying = Retrying(
@@ -307,10 +322,12 @@ class HttpEmbedder:
             vectors = np.stack(rows).astype(np.float32, copy=False)
         except Exception as exc:
             raise EmbeddingServerError(f"embedding server sent an unreadable answer ({type(exc).__name__})") from exc
+        if not np.isfinite(vectors).all():
+            raise EmbeddingServerError("embedding server returned non-finite vector values", status=422)
         if vectors.shape[0] != expected:
             raise EmbeddingServerError(f"embedding server returned {vectors.shape[0]} vectors for {expected} inputs")
-        dim = getattr(self, "dim", None)
-        if dim is not None and vectors.shape[1] != dim:
+        dim = getattr(self, "dim", 0)
+        if dim and vectors.shape[1] != dim:
             raise EmbeddingServerError(f"embedding server returned vectors of size {vectors.shape[1]}, expected {dim}")
         return vectors
 

@@ -124,7 +124,7 @@ class Pipeline:
         self._embed_executor.shutdown(wait=True, cancel_futures=True)
 
     async def _embed_once(
-        self, texts: Sequence[str], token_counts: Sequence[int] | None
+        self, texts: Sequence[str], token_counts: Sequence[int] | None, *, probing: bool = False
     ) -> tuple[list[np.ndarray | None], list[str | None]]:
         started = time.perf_counter()
         with self.hooks.phase("embed"):
@@ -132,6 +132,11 @@ class Pipeline:
         self.hooks.on_embed(len(texts), time.perf_counter() - started)
         if not result.rejected:
             return list(result.vectors), [None] * len(texts)
+        # A model that refuses every text is misconfigured (e.g. dimensions it cannot give), not
+        # fed poison: if it refuses the probe too, this is an outage and nothing is dead-lettered.
+        reason = next(iter(result.rejected.values()))
+        if probing or (await self._on_model_thread(self.embedder.embed, [_PROBE_TEXT], None)).rejected:
+            raise ModelRefusesEverything(f"the model refuses even a probe text: {reason[:200]}")
         for message in result.rejected.values():
             log.warning("text refused by the model: %s", message[:200])
         vectors = [None if i in result.rejected else v for i, v in enumerate(result.vectors)]
@@ -186,7 +191,7 @@ class Pipeline:
 
     async def _model_works(self) -> bool:
         try:
-            await self._embed_once([_PROBE_TEXT], None)
+            await self._embed_once([_PROBE_TEXT], None, probing=True)
             return True
         except asyncio.CancelledError:
             raise
@@ -199,7 +204,7 @@ class Pipeline:
         attempt, logged = 0, False
         while True:
             try:
-                await self._embed_once([_PROBE_TEXT], None)
+                await self._embed_once([_PROBE_TEXT], None, probing=True)
                 if logged:
                     log.info("the model works again")
                 return
@@ -461,6 +466,10 @@ class Pipeline:
 
 
 _PROBE_TEXT = "a probe text to tell a failing model from a poison text"
+
+
+class ModelRefusesEverything(Exception):
+    """The model (an embedding server) refuses the probe text too: a deployment error, held like an outage."""
 
 
 def _out_of_memory(exc: BaseException | None) -> bool:

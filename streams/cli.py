@@ -557,8 +557,8 @@ OPTIONAL_PARTS: dict[str, tuple[str, str]] = {
 def install_hint(module: str) -> str | None:
     """One line naming what to install for a missing optional module (None: not an optional part)."""
     top = module.split(".")[0]
-    if top not in OPTIONAL_PARTS:
-        return None
+    if top not in OPTIONAL_PARTS or module != top:
+        return None  # a submodule missing from an installed package is a broken install: keep the traceback
     what, command = OPTIONAL_PARTS[top]
     return f"{what} is not installed (no module {top!r}): {command}"
 

@@ -155,7 +155,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", "auto", _nonempty, "auto, cpu, cuda, cuda:N or mps"),
     Option("embedder", "local", _choice("local", "http"),
            "local (sentence-transformers in this process) or http (an OpenAI-compatible /v1/embeddings server)"),
-    Option("embeddings_url", "", _text, "Base URL of the embeddings server, e.g. http://tei:8080/v1 (embedder http)"),
+    Option("embeddings_url", "", _text, "Base URL of the embeddings server, e.g. http://tei:8080/v1 (embedder http)", secret=True),
     Option("embeddings_api_key", "", _text, "API key of the embeddings server (sent as a bearer token)", secret=True),
     Option("embeddings_dimensions", 0, _non_negative_int, "Vector size asked of the server (0: what the model gives)"),
     Option("embeddings_max_batch", 32, _positive_int, "Most inputs in one request to the embeddings server"),

@@ -86,7 +86,8 @@ def supervise(settings: Settings, *, command: list[str] | None = None, poll_seco
                 forward(signal.SIGTERM, None)
             time.sleep(poll_seconds)  # a supervisor's wait on child processes: nothing to await
         if not status:
-            status = next((c.returncode for c in children if c.returncode), 0)
+            code = next((c.returncode for c in children if c.returncode), 0)
+            status = code if code >= 0 else 128 - code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -58,10 +58,15 @@ class Tracing:
         trace = self._trace
         links = []
         for headers in headers_of_messages:
-            carrier = {name: value.decode("latin-1") for name, value in headers if name in ("traceparent", "tracestate")}
-            if "traceparent" not in carrier:
+            # Header values come from the wire: a null or malformed one costs its link, never the batch.
+            try:
+                carrier = {name: value.decode("latin-1") for name, value in headers
+                           if name in ("traceparent", "tracestate") and isinstance(value, bytes)}
+                if "traceparent" not in carrier:
+                    continue
+                context = trace.get_current_span(self._propagator.extract(carrier)).get_span_context()
+            except Exception:
                 continue
-            context = trace.get_current_span(self._propagator.extract(carrier)).get_span_context()
             if context.is_valid:
                 links.append(trace.Link(context))
         tracer = trace.get_tracer(TRACER_NAME)

@@ -7,6 +7,7 @@ is at hand, the server tests skip with the reason.
 
 from __future__ import annotations
 
+import base64
 import logging
 
 import httpx
@@ -44,6 +45,7 @@ def _vectors(inputs):
 def _embedder(transport, **kwargs) -> HttpEmbedder:
     kwargs.setdefault("dimensions", DIM)
     kwargs.setdefault("tokenizer_model", "")
+    kwargs.setdefault("probe", False)  # the logic under test, not the start-up request
     return HttpEmbedder(url="http://embed.test/v1", model="m", transport=transport, **kwargs)
 
 
@@ -113,6 +115,24 @@ def test_estimated_offsets_cover_the_text_with_short_pieces():
     spans = estimated_offsets(text)
     assert all(0 < b - a <= 4 for a, b in spans)
     assert "".join(text[a:b] for a, b in spans) == text.replace(" ", "")
+    assert len(estimated_offsets("汉字" * 500)) == 1000  # an ideograph is about a token, not a quarter
+
+
+def test_a_non_finite_vector_refuses_only_its_input():
+    def handler(inputs):
+        nan = base64.b64encode(np.full(DIM, np.nan, dtype="<f4").tobytes()).decode()  # JSON has no NaN; base64 does
+        return 200, [nan if t == "overflow" else [1.0, 0.0, 0.0, 0.0] for t in inputs]
+
+    transport, _ = _server(handler)
+    result = _embedder(transport).embed(["fine", "overflow", "also fine"])
+    assert list(result.rejected) == [1] and "non-finite" in result.rejected[1]
+    assert np.isfinite(result.vectors).all()
+
+
+def test_a_size_the_model_cannot_give_is_an_error_at_start():
+    transport, _ = _server(lambda inputs: (200, [[1.0, 0.0, 0.0, 0.0, 0.0] for _ in inputs]))
+    with pytest.raises(EmbeddingServerError, match="size 5, asked for 4"):
+        _embedder(transport, probe=True)
 
 
 # ---- against a real server ------------------------------------------------------------------
@@ -189,6 +209,30 @@ async def test_worker_with_the_http_embedder_end_to_end(services, server, embedd
         vector, payload = points[point_id(f"h-{i}")]
         assert payload["id"] == f"h-{i}"
         assert float(np.dot(vector, local[i])) >= 0.99
+
+
+async def test_a_server_that_refuses_every_text_is_an_outage_not_dead_letters():
+    """E.g. `dimensions` the model cannot give: every request is a 400, the probe text's too."""
+    import asyncio
+
+    from processors.pipeline import Pipeline
+    from processors.sink import QdrantSink
+    from schemas import InputEvent
+    from support import unique
+
+    transport, calls = _server(lambda inputs: (400, "dimensions not supported"))
+    sink = QdrantSink(collection=unique("http"))
+    pipeline = Pipeline(embedder=_embedder(transport), sink=sink, embed_retry_seconds=0.1)
+    await pipeline.start()
+    task = asyncio.create_task(pipeline.process([InputEvent(id=f"e{i}", text=f"text {i}") for i in range(4)]))
+    try:
+        await wait_until(lambda: len(calls) >= 12, timeout=30, what="the batch held and retried")
+        assert not task.done()  # held like an outage: no outcome, so nothing dead-lettered or committed
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pipeline.close()
+        await sink.close()
 
 
 async def test_the_pipeline_dead_letters_exactly_the_input_the_server_refuses():

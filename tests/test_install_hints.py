@@ -11,8 +11,9 @@ from streams import cli
 
 def test_every_optional_part_names_its_install_command():
     for module in cli.OPTIONAL_PARTS:
-        hint = cli.install_hint(f"{module}.sub")
+        hint = cli.install_hint(module)
         assert hint is not None and "pip install" in hint and "\n" not in hint
+        assert cli.install_hint(f"{module}.sub") is None  # installed but broken: the traceback says more
     assert cli.install_hint("numpy") is None  # a required package missing is a broken install: the traceback stays
 
 

@@ -44,16 +44,17 @@ async def test_a_batch_span_links_each_message_trace_and_holds_the_phases(servic
     settings = await make_settings(services, partitions=1, batch_min_wait_ms=200, batch_max_wait_ms=400)
     trace_ids = [f"{i + 1:032x}" for i in range(6)]
     headers = [[("traceparent", f"00-{t}-{i + 1:016x}-01".encode())] for i, t in enumerate(trace_ids)]
-    values = [event(f"tr-{i}", f"traced text number {i}") for i in range(6)]
+    headers += [[("traceparent", None)], [("traceparent", b"garbage")]]  # from the wire: no link, no failure
+    values = [event(f"tr-{i}", f"traced text number {i}") for i in range(8)]
     await produce(settings, values, headers=headers)
     async with running_worker(settings, embedder) as worker:
-        await wait_until(lambda: worker.stats.processed == 6, timeout=60, what="all processed")
+        await wait_until(lambda: worker.stats.processed == 8, timeout=60, what="all processed")
     finished = spans.get_finished_spans()
     batches = [s for s in finished if s.name == "embedworker.batch"]
     assert batches, [s.name for s in finished]
     linked = {f"{link.context.trace_id:032x}" for b in batches for link in b.links}
     assert linked == set(trace_ids)
-    assert sum(b.attributes["messaging.batch.message_count"] for b in batches) == 6
+    assert sum(b.attributes["messaging.batch.message_count"] for b in batches) == 8
     ids = {b.context.span_id for b in batches}
     children = {s.name for s in finished if s.parent is not None and s.parent.span_id in ids}
     assert {"embedworker.cache.lookup", "embedworker.embed", "embedworker.store.write", "embedworker.publish"} <= children
