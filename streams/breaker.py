@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable
+from typing import Any, Hashable, Iterable
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,8 +60,10 @@ class Trip:
 
 @dataclass(slots=True)
 class _Partition:
-    outcomes: deque[bool] = field(default_factory=deque)
-    """True for a dead letter, False for a valid message, oldest first (at most `window`)."""
+    outcomes: deque[list[Any]] = field(default_factory=deque)
+    """[dead letter?, offset] per message, oldest first (at most `window`)."""
+    valid_at: dict[int, list[Any]] = field(default_factory=dict)
+    """The entries counted valid, by offset: a later failure of one (the model's) turns it into a dead letter."""
     dead_letters: int = 0
     consecutive: int = 0
 
@@ -82,17 +84,21 @@ class DeadLetterBreaker:
     def open(self) -> bool:
         return self.trip is not None
 
-    def record_valid(self, partition: Hashable) -> None:
+    def record_valid(self, partition: Hashable, offset: int | None = None) -> None:
         if not self.limit.enabled:
             return
         part = self._partitions.get(partition)
         if part is None:
             part = self._partitions[partition] = _Partition()
-        self._push(part, False)
+        self._push(part, False, offset)
         part.consecutive = 0
 
-    def admit(self, partition: Hashable) -> bool:
-        """Count a would-be dead letter; False once open (this one tripped it, or an earlier one)."""
+    def admit(self, partition: Hashable, offset: int | None = None) -> bool:
+        """Count a would-be dead letter; False once open (this one tripped it, or an earlier one).
+
+        A message counted valid when it decoded (`record_valid` with its offset) and failing
+        later (the model refused it) is counted again in its own place, not as one more message.
+        """
         if self.trip is not None:
             return False
         if not self.limit.enabled:
@@ -100,8 +106,14 @@ class DeadLetterBreaker:
         part = self._partitions.get(partition)
         if part is None:
             part = self._partitions[partition] = _Partition()
-        self._push(part, True)
-        part.consecutive += 1
+        entry = part.valid_at.pop(offset, None) if offset is not None else None
+        if entry is not None:
+            entry[0] = True
+            part.dead_letters += 1
+            part.consecutive = self._trailing_dead_letters(part)
+        else:
+            self._push(part, True, offset)
+            part.consecutive += 1
         limit = self.limit
         reason = None
         if limit.max_consecutive and part.consecutive > limit.max_consecutive:
@@ -125,8 +137,23 @@ class DeadLetterBreaker:
         for partition in partitions:
             self._partitions.pop(partition, None)
 
-    def _push(self, part: _Partition, dead_letter: bool) -> None:
-        if len(part.outcomes) >= self.limit.window and part.outcomes.popleft():
-            part.dead_letters -= 1
-        part.outcomes.append(dead_letter)
+    def _push(self, part: _Partition, dead_letter: bool, offset: int | None = None) -> None:
+        if len(part.outcomes) >= self.limit.window:
+            oldest = part.outcomes.popleft()
+            part.dead_letters -= oldest[0]
+            if oldest[1] is not None:
+                part.valid_at.pop(oldest[1], None)
+        entry = [dead_letter, offset]
+        part.outcomes.append(entry)
         part.dead_letters += dead_letter
+        if offset is not None and not dead_letter:
+            part.valid_at[offset] = entry
+
+    def _trailing_dead_letters(self, part: _Partition) -> int:
+        """The run of dead letters at the end of the window (bounded by the limit that cares)."""
+        run, cap = 0, self.limit.max_consecutive + 1 if self.limit.max_consecutive else 0
+        for dead_letter, _ in reversed(part.outcomes):
+            if not dead_letter or run >= cap:
+                break
+            run += 1
+        return run

@@ -231,7 +231,7 @@ class Worker:
         self.batch = Batch(batcher=self.batcher, next_step=self.embed_store)
         self.decode = Decode(
             next_step=self.batch, dead_letters=self.dead_letters, limits=self.limits, tokens=self._tokens,
-            on_decoded=lambda item: self.breaker.record_valid(item.tp),
+            on_decoded=lambda item: self.breaker.record_valid(item.tp, item.offset),
         )
 
         self._rss = 0
@@ -296,7 +296,7 @@ class Worker:
         if not self.live(item):
             return True  # fenced: the dead-letter path releases it, the partition's new owner decides
         was_open = self.breaker.open
-        if self.breaker.admit(item.tp):
+        if self.breaker.admit(item.tp, item.offset):
             return True
         self._held.append(item)
         self.metrics.dead_letter_breaker_held.set(len(self._held))

@@ -390,3 +390,23 @@ async def test_replay_republishes_dead_letters_counts_replays_and_refuses_them_a
                                "skipped past limit 0, not replayable 0, filtered out 6")
         assert len(await read_topic(settings, settings.input_topic, expect=len(inputs) + 3, timeout=60)) == len(inputs) + 3
         assert len(await read_topic(settings, settings.dlq_topic, expect=8, timeout=30)) == 8
+
+
+def test_a_message_failing_after_it_decoded_counts_once_as_a_dead_letter():
+    """The model refusing every text of a trickle (one message a fetch) must trip it like decode failures do."""
+    from streams.breaker import DeadLetterBreaker, DeadLetterLimit
+
+    breaker = DeadLetterBreaker(limit=DeadLetterLimit(max_ratio=0.5, window=10, max_consecutive=4))
+    admitted = []
+    for offset in range(10):
+        breaker.record_valid("p", offset)  # it decoded
+        admitted.append(breaker.admit("p", offset))  # then the model refused it
+    assert admitted == [True] * 4 + [False] * 6  # the fifth in a row trips the consecutive limit
+    assert breaker.trip is not None and breaker.trip.consecutive == 5 and breaker.trip.window_messages == 5
+
+    ratio = DeadLetterBreaker(limit=DeadLetterLimit(max_ratio=0.5, window=10, max_consecutive=0))
+    for offset in range(20):
+        ratio.record_valid("p", offset)
+        if offset % 3 == 0 or offset % 3 == 1:
+            ratio.admit("p", offset)  # 2 of every 3 fail in the model
+    assert ratio.open and ratio.trip.reason == "ratio"

@@ -225,8 +225,8 @@ class Publish:
                 done = [(item, o) for item, o in results if self._settle(item)]
                 self.finish.submit(item for item, _ in done)
                 self._on_results(done, time.time())
-            # A text the model fails on was counted as valid when it decoded; counting it again
-            # here, late and out of offset order, errs towards tripping, for a rare case.
+            # A text the model fails on was counted valid when it decoded: the breaker turns
+            # that count into a dead letter in its place (by offset).
             failures = [failure for failure in failures if self.admit_dead_letter(failure[0])]
             if failures:
                 await self.dead_letter(failures, stage="embed", batch_id=batch_id)
