@@ -47,7 +47,7 @@ import numpy as np
 
 from processors.threaded import ThreadedStore
 from processors.sink import (
-    INDEX_KINDS, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredPoint, check_sparse_config, sparse_text,
+    INDEX_KINDS, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredPoint, check_sparse_config, engine_vectors,
     split_vector,
 )
 from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder
@@ -241,15 +241,7 @@ class EdgeSink(ThreadedStore):
         """Engine points, sparse vectors included (on the sink thread: BM25 holds the GIL, a batch at a time)."""
         import qdrant_edge as qe
 
-        sparse = self._bm25.documents([sparse_text(p) for p in points]) if self._bm25 is not None else None
-        structs = []
-        for i, p in enumerate(points):
-            dense = np.asarray(p.vector, dtype=np.float32).tolist()
-            vector: Any = dense
-            if sparse is not None:
-                vector = {"": dense, SPARSE_VECTOR: qe.SparseVector(list(sparse[i].indices), list(sparse[i].values))}
-            structs.append(qe.Point(p.id, vector, p.payload))
-        return structs
+        return [qe.Point(p.id, vector, p.payload) for p, vector in zip(points, engine_vectors(points, self._bm25, qe.SparseVector))]
 
     async def write(self, writes: Sequence[DocumentWrite]) -> None:
         import qdrant_edge as qe

@@ -103,6 +103,21 @@ def sparse_text(point: Point) -> str:
     return text if isinstance(text, str) else ""
 
 
+def engine_vectors(points: Sequence[Point], bm25: Any, sparse_type: Any) -> list[Any]:
+    """Each point's vector as an engine takes it: the dense list, or {"": dense, "bm25": sparse}
+    when `bm25` is on (computed for the whole batch at once); `sparse_type(indices=, values=)`
+    is the engine's sparse vector class."""
+    sparse = bm25.documents([sparse_text(p) for p in points]) if bm25 is not None else None
+    vectors: list[Any] = []
+    for i, p in enumerate(points):
+        dense = np.asarray(p.vector, dtype=np.float32).tolist()
+        if sparse is None:
+            vectors.append(dense)
+        else:
+            vectors.append({"": dense, SPARSE_VECTOR: sparse_type(indices=list(sparse[i].indices), values=list(sparse[i].values))})
+    return vectors
+
+
 def check_sparse_config(collection: str, wanted: bool, stored_modifier: str | None, *, present: bool) -> None:
     """Refuse a dense-only collection when sparse vectors are on, and a `bm25` vector without IDF
     (its scores would be term frequencies only). A sparse collection opened with sparse off is
@@ -286,15 +301,10 @@ class QdrantSink(ThreadedStore):
         """Engine points, sparse vectors included (on the sink thread: BM25 holds the GIL, a batch at a time)."""
         from qdrant_client import models
 
-        sparse = self._bm25.documents([sparse_text(p) for p in points]) if self._bm25 is not None else None
-        structs = []
-        for i, p in enumerate(points):
-            dense = np.asarray(p.vector, dtype=np.float32).tolist()
-            vector: Any = dense
-            if sparse is not None:
-                vector = {"": dense, SPARSE_VECTOR: models.SparseVector(indices=list(sparse[i].indices), values=list(sparse[i].values))}
-            structs.append(models.PointStruct(id=p.id, vector=vector, payload=p.payload))
-        return structs
+        return [
+            models.PointStruct(id=p.id, vector=vector, payload=p.payload)
+            for p, vector in zip(points, engine_vectors(points, self._bm25, models.SparseVector))
+        ]
 
     async def upsert(self, points: Sequence[Point]) -> None:
         if not points:

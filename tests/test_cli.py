@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from prometheus_client import Gauge, start_http_server
 
 from streams.factory import build_sink
 from schemas import point_id
+from cli_support import clean_cli_state, run_cli  # noqa: F401  (a fixture)
 from streams import cli, tools
 from streams.devstack import free_port
 from streams.metrics import Metrics
@@ -39,28 +39,9 @@ CORPUS = [
 
 
 @pytest.fixture(autouse=True)
-def clean_cli_state(monkeypatch):
-    """No EMBEDWORKER_* variables from the outside; logging restored after each in-process run."""
-    for name in list(os.environ):
-        if name.startswith("EMBEDWORKER_"):
-            monkeypatch.delenv(name)
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in ("aiokafka", "embedworker")})
+def _clean_cli_state(clean_cli_state):
+    """Every test here runs the CLI in this process."""
     yield
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-    for name, level in saved[2].items():
-        logging.getLogger(name).setLevel(level)
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """`embedworker ARGV` in this process: (exit code, stdout, stderr)."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse: --help and usage errors
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 async def arun_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
-import os
-import time
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
 from aiokafka import TopicPartition
 
 from fakes import WordEmbedder
-from processors.sink import QdrantSink
 from schemas import REPLAY_COUNT_HEADER, InvalidEvent, SourcePosition, decode_dead_letter, encode_dead_letter, replay_count
-from streams import cli
 from streams.backends.memory import MemoryBroker
 from streams.breaker import DeadLetterBreaker, DeadLetterLimit
 from streams.commands.dlq import parse_since
@@ -33,8 +28,10 @@ from streams.config import ConfigError, load_settings
 from streams.flow import FlowController, FlowSignals, Watermarks
 from streams.kafka import make_producer
 from streams.metrics import Metrics
-from streams.runtime import PublishError, Worker, WorkerObserver
-from support import make_settings, read_topic, running_worker, unique, wait_until
+from streams.runtime import WorkerObserver
+from cli_support import clean_cli_state, run_cli  # noqa: F401  (a fixture)
+from memory_support import memory_settings, until, worker_on
+from support import make_settings, read_topic, running_worker, wait_until
 
 
 # ---- the breaker's counting ----------------------------------------------------------------
@@ -163,52 +160,13 @@ def test_since_takes_durations_and_iso_times():
 # ---- the breaker in the worker (in-memory broker) -----------------------------------------
 
 
-def _memory_settings(broker: MemoryBroker, **overrides: Any):
-    name = unique("dlq")
-    values: dict[str, Any] = {
-        "input_topic": f"{name}.in", "output_topic": f"{name}.out", "dlq_topic": f"{name}.dlq",
-        "group_id": f"{name}.g", "collection": name, "metrics_port": 0, "commit_interval_ms": 20,
-        "shutdown_timeout_seconds": 2.0, "batch_min_messages": 4, "batch_max_messages": 8,
-        "batch_min_wait_ms": 1.0, "batch_max_wait_ms": 5.0,
-    }
-    values.update(overrides)
-    settings = load_settings(values, environ={})
-    for topic in (settings.input_topic, settings.output_topic, settings.dlq_topic):
-        broker.create_topic(topic, 1)
-    return settings
-
-
-async def _until(condition, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.002)
-
-
-@contextlib.asynccontextmanager
-async def _worker(broker: MemoryBroker, settings: Any, **kwargs: Any) -> AsyncIterator[Worker]:
-    worker = Worker(settings, embedder=WordEmbedder(max_tokens=64), sink=QdrantSink(collection=settings.collection),
-                    backend=broker, **kwargs)
-    task = asyncio.create_task(worker.run())
-    try:
-        await _until(lambda: worker.started.is_set() or task.done(), "worker start")
-        if task.done():
-            task.result()
-        yield worker
-    finally:
-        worker.request_stop()
-        with contextlib.suppress(PublishError):
-            await asyncio.wait_for(task, timeout=10)
-
-
 def _body(doc_id: str, text: str) -> bytes:
     return orjson.dumps({"id": doc_id, "text": text})
 
 
 async def test_the_breaker_pauses_and_holds_dead_letters_uncommitted_and_a_restart_loses_nothing(caplog):
     broker = MemoryBroker()
-    settings = _memory_settings(broker, dlq_max_consecutive=3, dlq_max_ratio=0)
+    settings = memory_settings(broker, dlq_max_consecutive=3, dlq_max_ratio=0)
     tp = TopicPartition(settings.input_topic, 0)
     for i in range(2):
         broker.append(settings.input_topic, _body(f"ok-{i}", f"text {i}"), partition=0)
@@ -221,11 +179,11 @@ async def test_the_breaker_pauses_and_holds_dead_letters_uncommitted_and_a_resta
     observer = WorkerObserver(on_fetch_round=lambda: rounds.__setitem__("n", rounds["n"] + 1))
     sample = metrics.registry.get_sample_value
     with caplog.at_level(logging.INFO):
-        async with _worker(broker, settings, metrics=metrics, observer=observer) as worker:
-            await _until(lambda: sample("embedworker_dead_letter_breaker_held_messages") == 7, "the rest held")
+        async with worker_on(broker, settings, metrics=metrics, observer=observer) as worker:
+            await until(lambda: sample("embedworker_dead_letter_breaker_held_messages") == 7, "the rest held")
             # Processing goes on for valid messages; the commit stops before the first held one.
-            await _until(lambda: len(broker.records(settings.output_topic)) == 4, "the valid messages' results")
-            await _until(lambda: broker.committed(settings.group_id, tp) == 5, "the commit up to the first held message")
+            await until(lambda: len(broker.records(settings.output_topic)) == 4, "the valid messages' results")
+            await until(lambda: broker.committed(settings.group_id, tp) == 5, "the commit up to the first held message")
             assert sample("embedworker_dead_letter_breaker_open") == 1
             assert sample("embedworker_dead_letter_breaker_trips_total") == 1
             assert sample("embedworker_backpressure_reason_active", {"reason": "dead_letter_limit"}) == 1
@@ -234,7 +192,7 @@ async def test_the_breaker_pauses_and_holds_dead_letters_uncommitted_and_a_resta
             consumed = worker.stats.consumed
             broker.append(settings.input_topic, b"{more secret", partition=0)
             start = rounds["n"]
-            await _until(lambda: rounds["n"] >= start + 5, "fetch rounds while paused")
+            await until(lambda: rounds["n"] >= start + 5, "fetch rounds while paused")
             assert worker.stats.consumed == consumed == 14
             assert broker.committed(settings.group_id, tp) == 5 and worker.unfinished() == 7
     dead = [orjson.loads(r.value) for r in broker.records(settings.dlq_topic)]
@@ -246,8 +204,8 @@ async def test_the_breaker_pauses_and_holds_dead_letters_uncommitted_and_a_resta
 
     # Restarted with the limit lifted (the operator's choice for a topic that is bad for good):
     # every held message is replayed from the commit; none was lost.
-    async with _worker(broker, settings.replace(dlq_max_consecutive=0)) as worker:
-        await _until(lambda: broker.committed(settings.group_id, tp) == 15, "the rest after the restart")
+    async with worker_on(broker, settings.replace(dlq_max_consecutive=0)) as worker:
+        await until(lambda: broker.committed(settings.group_id, tp) == 15, "the rest after the restart")
         assert not worker.breaker.open
     offsets = [orjson.loads(r.value)["source"]["offset"] for r in broker.records(settings.dlq_topic)]
     assert offsets == [2, 3, 4] + list(range(5, 12)) + [14]
@@ -255,19 +213,19 @@ async def test_the_breaker_pauses_and_holds_dead_letters_uncommitted_and_a_resta
 
 async def test_held_messages_of_a_revoked_partition_are_released_to_the_next_owner():
     broker = MemoryBroker()
-    settings = _memory_settings(broker, dlq_max_consecutive=1, dlq_max_ratio=0)
+    settings = memory_settings(broker, dlq_max_consecutive=1, dlq_max_ratio=0)
     tp = TopicPartition(settings.input_topic, 0)
     for i in range(5):
         broker.append(settings.input_topic, b"{bad %d" % i, partition=0)
     metrics = Metrics()
     sample = metrics.registry.get_sample_value
-    async with _worker(broker, settings, metrics=metrics) as worker:
-        await _until(lambda: sample("embedworker_dead_letter_breaker_held_messages") == 4, "four held")
-        await _until(lambda: broker.committed(settings.group_id, tp) == 1, "the one dead letter committed")
+    async with worker_on(broker, settings, metrics=metrics) as worker:
+        await until(lambda: sample("embedworker_dead_letter_breaker_held_messages") == 4, "four held")
+        await until(lambda: broker.committed(settings.group_id, tp) == 1, "the one dead letter committed")
         assert worker.unfinished() == 4
         epoch = worker._epochs[tp]  # noqa: SLF001
         broker.rebalance(settings.group_id)  # revoked and (the only member) assigned again
-        await _until(lambda: worker._epochs.get(tp, epoch) != epoch, "the new assignment")  # noqa: SLF001
+        await until(lambda: worker._epochs.get(tp, epoch) != epoch, "the new assignment")  # noqa: SLF001
         # Released, not finished: the buffer is empty again, the commit did not move, and the
         # still-open breaker keeps the partition paused instead of fetching them again.
         assert worker.unfinished() == 0 and sample("embedworker_dead_letter_breaker_held_messages") == 0
@@ -278,13 +236,13 @@ async def test_held_messages_of_a_revoked_partition_are_released_to_the_next_own
 
 async def test_the_default_limits_let_scattered_dead_letters_through():
     broker = MemoryBroker()
-    settings = _memory_settings(broker)
+    settings = memory_settings(broker)
     tp = TopicPartition(settings.input_topic, 0)
     for i in range(1500):  # 450 bad, in runs of 150: at most 400 of any 1,000 (limit 500), 150 in a row (limit 200)
         bad = (i // 150) % 3 == 1
         broker.append(settings.input_topic, b"{bad" if bad else _body(f"id-{i}", f"text {i % 7}"), partition=0)
-    async with _worker(broker, settings) as worker:
-        await _until(lambda: broker.committed(settings.group_id, tp) == 1500, "the whole partition", timeout=60)
+    async with worker_on(broker, settings) as worker:
+        await until(lambda: broker.committed(settings.group_id, tp) == 1500, "the whole partition", timeout=60)
         assert not worker.breaker.open
     assert len(broker.records(settings.dlq_topic)) == 450
 
@@ -292,37 +250,13 @@ async def test_the_default_limits_let_scattered_dead_letters_through():
 # ---- `embedworker dlq replay` (real broker) -------------------------------------------------
 
 
-@pytest.fixture
-def clean_cli_state(monkeypatch):
-    """No EMBEDWORKER_* variables from the outside; logging restored after each in-process run."""
-    for name in list(os.environ):
-        if name.startswith("EMBEDWORKER_"):
-            monkeypatch.delenv(name)
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in ("aiokafka", "embedworker")})
-    yield
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-    for name, level in saved[2].items():
-        logging.getLogger(name).setLevel(level)
-
-
-def _run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_dlq_replay_help_names_every_option(capsys, clean_cli_state):
-    code, out, err = _run_cli(capsys, "dlq", "replay", "--help")
+    code, out, err = run_cli(capsys, "dlq", "replay", "--help")
     assert code == 0 and not err
     for option in ("--error-type", "--since", "--limit", "--max-replays", "--dry-run", "--timeout", "--dlq-topic",
                    "--input-topic", "--bootstrap-servers"):
         assert option in out
-    code, out, err = _run_cli(capsys, "dlq", "replay", "--since", "last week")
+    code, out, err = run_cli(capsys, "dlq", "replay", "--since", "last week")
     assert code == 2 and "--since" in err and len(err.strip().splitlines()) == 1 and not out
 
 
@@ -358,7 +292,7 @@ async def test_replay_republishes_dead_letters_counts_replays_and_refuses_them_a
         assert len(first) == 5
         await wait_until(lambda: worker.stats.processed == 1, timeout=60, what="the valid event")
 
-        code, out, err = await asyncio.to_thread(_run_cli, capsys, "dlq", "replay", "--max-replays", "1", *kafka)
+        code, out, err = await asyncio.to_thread(run_cli, capsys, "dlq", "replay", "--max-replays", "1", *kafka)
         assert code == 0, err
         assert out.strip() == (f"replayed 3 dead letters from {settings.dlq_topic} to {settings.input_topic}; "
                                "skipped past limit 0, not replayable 2, filtered out 0")
@@ -376,7 +310,7 @@ async def test_replay_republishes_dead_letters_counts_replays_and_refuses_them_a
         # A millisecond early: the ISO round trip must not put the first new dead letter before it.
         since = datetime.fromtimestamp((min(r.timestamp for r in again) - 1) / 1000, tz=timezone.utc).isoformat()
         code, out, err = await asyncio.to_thread(
-            _run_cli, capsys, "dlq", "replay", "--max-replays", "1", "--since", since, *kafka)
+            run_cli, capsys, "dlq", "replay", "--max-replays", "1", "--since", since, *kafka)
         assert code == 0, err
         assert out.strip() == (f"replayed 0 dead letters from {settings.dlq_topic} to {settings.input_topic}; "
                                "skipped past limit 3, not replayable 0, filtered out 5")
@@ -384,7 +318,7 @@ async def test_replay_republishes_dead_letters_counts_replays_and_refuses_them_a
 
         # A dry run with a filter counts and sends nothing.
         code, out, err = await asyncio.to_thread(
-            _run_cli, capsys, "dlq", "replay", "--dry-run", "--error-type", "not_an_object", "--max-replays", "2", *kafka)
+            run_cli, capsys, "dlq", "replay", "--dry-run", "--error-type", "not_an_object", "--max-replays", "2", *kafka)
         assert code == 0, err
         assert out.strip() == (f"would replay 2 dead letters from {settings.dlq_topic} to {settings.input_topic}; "
                                "skipped past limit 0, not replayable 0, filtered out 6")
