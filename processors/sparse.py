@@ -59,7 +59,7 @@ class Bm25Encoder:
         try:
             import qdrant_edge as qe
         except ImportError:
-            from processors.sink import SinkConfigError
+            from processors.errors import SinkConfigError
 
             raise SinkConfigError(
                 f"EMBEDWORKER_SPARSE=bm25 needs qdrant-edge's BM25 tokenizer, which is not installed: {INSTALL_HINT}"

@@ -20,6 +20,7 @@ from schemas.events import (
     encode_dead_letter,
     encode_input,
     normalize_text,
+    legacy_point_id,
     point_id,
     replay_count,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "encode_dead_letter",
     "encode_input",
     "normalize_text",
+    "legacy_point_id",
     "point_id",
     "replay_count",
 ]

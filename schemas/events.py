@@ -169,11 +169,22 @@ def encode_input(event: InputEvent) -> bytes:
 
 
 def point_id(event_id: str, chunk_index: int = 0) -> str:
-    """The Qdrant point id of a document's chunk: stable across replays and workers.
+    """The Qdrant point id of a document's chunk: stable across replays and workers, unique per (id, chunk).
 
-    Chunk 0 (a one-chunk text) keeps `uuid5(ns, id)`; chunk i > 0 is `uuid5(ns, f"{id}#{i}")`.
+    Chunk 0 (a one-chunk text) is `uuid5(ns, id)`; chunk i > 0 is `uuid5(ns, id + "\\0" + str(i))`.
+    Ids never hold NUL (`_check_string` refuses it), so no id names another document's chunk.
     """
-    return str(uuid.uuid5(POINT_NAMESPACE, event_id if chunk_index == 0 else f"{event_id}#{chunk_index}"))
+    if chunk_index == 0:
+        return str(uuid.uuid5(POINT_NAMESPACE, event_id))
+    return str(uuid.uuid5(POINT_NAMESPACE, f"{event_id}\x00{chunk_index}"))
+
+
+def legacy_point_id(event_id: str, chunk_index: int) -> str:
+    """The id chunk i > 0 had before 2026-12 (`uuid5(ns, id + "#" + i)`): document `a#1` collided with chunk 1 of `a`.
+
+    Only to recognise collections written under that scheme (start-up refuses them, naming `reembed`).
+    """
+    return str(uuid.uuid5(POINT_NAMESPACE, f"{event_id}#{chunk_index}"))
 
 
 def normalize_text(text: str) -> str:

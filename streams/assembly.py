@@ -1,8 +1,11 @@
-"""The one place that assembles a worker's parts from `Settings`, and closes what it built.
+"""The composition root: the one place that builds a worker's parts from `Settings`.
 
-Owns: which embedder, store and cache a run gets (through `streams.factory`) and their
-lifetime. Used by the CLI, the demo, the Faust app, the bench and the tests. Must not:
-run anything; parts handed in are used as they are and left open for their owner.
+Owns: which embedder, store, cache, pipeline and worker a run gets, and the lifetime of
+what it built (`assemble`). `build_pipeline` is the only `Pipeline(...)` call and
+`build_worker` the only `Worker(...)` call in the shipped code; the CLI (run, demo, search,
+reembed, dlq), the Faust app, the bench and the tests all come through here, so an option
+added to `Settings` is wired once. Must not: run anything; parts handed in are used as they
+are and left open for their owner.
 """
 
 from __future__ import annotations
@@ -11,19 +14,119 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from processors.cache import VectorCache
-from processors.embedder import Embedder
-from processors.sink import VectorSink
+from processors.cache import RedisCache, VectorCache
+from processors.edge_sink import EdgeSink
+from processors.embedder import Embedder, SentenceTransformerEmbedder
+from processors.errors import SinkConfigError
+from processors.pipeline import Pipeline, PipelineHooks
+from processors.sink import QdrantSink, VectorSink, parse_payload_indexes
 from streams.config import Settings
 from streams.metrics import Metrics
+
+if TYPE_CHECKING:
+    from streams.backends import Backend
+    from streams.runtime import Worker, WorkerObserver
 
 log = logging.getLogger(__name__)
 
 NO_CACHE: Any = object()
 """Pass as `cache` for a run without the Redis cache even when `redis_url` is set."""
+
+
+def build_embedder(settings: Settings, *, model: str | None = None) -> Embedder:
+    """The local model, or a client of an embedding server (`EMBEDWORKER_EMBEDDER=http`).
+
+    `model`: another model than `settings.model` on the same kind of embedder (reembed's
+    `--model`): a served model when the embedder is `http`.
+    """
+    model = model or settings.model
+    if settings.embedder == "http":
+        from processors.http_embedder import HttpEmbedder
+
+        return HttpEmbedder(
+            url=settings.embeddings_url,
+            model=model,
+            api_key=settings.embeddings_api_key or None,
+            dimensions=settings.embeddings_dimensions or None,
+            max_batch=settings.embeddings_max_batch,
+            max_concurrency=settings.embeddings_concurrency,
+            encoding=settings.embeddings_encoding,
+            retry_seconds=settings.embeddings_retry_seconds,
+        )
+    return SentenceTransformerEmbedder(model=model, device=settings.device, threads=settings.torch_threads or None)
+
+
+def build_sink(settings: Settings, collection: str | None = None) -> QdrantSink | EdgeSink:
+    """A server (URL), an embedded path store (EMBEDWORKER_QDRANT_ENGINE picks edge or local), or in memory."""
+    collection = collection or settings.collection
+    indexes = parse_payload_indexes(settings.payload_indexes)
+    if settings.qdrant_path and not settings.qdrant_url and settings.qdrant_engine == "edge":
+        return EdgeSink(collection=collection, path=settings.qdrant_path, payload_indexes=indexes, sparse=settings.sparse)
+    if settings.qdrant_path and not settings.qdrant_url and os.path.isfile(
+        os.path.join(settings.qdrant_path, collection, "edge_config.json")
+    ):
+        raise SinkConfigError(f"{settings.qdrant_path} holds qdrant-edge shards: open it with EMBEDWORKER_QDRANT_ENGINE=edge")
+    return QdrantSink(
+        collection=collection,
+        payload_indexes=indexes,
+        url=settings.qdrant_url or None,
+        api_key=settings.qdrant_api_key or None,
+        path=settings.qdrant_path or None,
+        sparse=settings.sparse,
+    )
+
+
+def build_cache(settings: Settings, metrics: Metrics | None = None) -> VectorCache | None:
+    """The Redis cache when `redis_url` is set (its errors and refused values counted in `metrics`)."""
+    if not settings.redis_url:
+        return None
+    on_error = None
+    if metrics is not None:
+        on_error = lambda operation: metrics.cache_errors.labels(operation=operation).inc()  # noqa: E731
+    return RedisCache(
+        url=settings.redis_url, ttl_seconds=settings.cache_ttl_seconds, dtype=settings.cache_dtype, on_error=on_error
+    )
+
+
+def build_pipeline(
+    settings: Settings,
+    *,
+    embedder: Embedder,
+    sink: VectorSink,
+    cache: VectorCache | None = None,
+    hooks: PipelineHooks | None = None,
+) -> Pipeline:
+    """The pipeline every entry point runs: the worker, Faust, reembed (the only `Pipeline(...)` call)."""
+    return Pipeline(
+        embedder=embedder, sink=sink, cache=cache, store_text=settings.store_text, hooks=hooks,
+        long_text=settings.long_text, chunk_overlap_tokens=settings.chunk_overlap_tokens,
+        embed_retry_seconds=settings.embed_retry_seconds,
+    )
+
+
+def build_worker(
+    settings: Settings,
+    *,
+    embedder: Embedder,
+    sink: VectorSink,
+    cache: VectorCache | None = None,
+    metrics: Metrics | None = None,
+    backend: "Backend | None" = None,
+    observer: "WorkerObserver | None" = None,
+) -> "Worker":
+    """A consumer-group member on these parts (the only `Worker(...)` call).
+
+    `backend`: the Kafka side (default aiokafka; the in-memory broker in tests, a tuned
+    `KafkaBackend` in the bench); `observer`: measurement hooks (the bench).
+    """
+    from streams.runtime import Worker
+
+    pipeline = build_pipeline(settings, embedder=embedder, sink=sink, cache=cache)
+    return Worker(settings, pipeline=pipeline, metrics=metrics, observer=observer, backend=backend)
 
 
 @dataclass
@@ -34,11 +137,16 @@ class Parts:
     cache: VectorCache | None
     metrics: Metrics
 
-    def worker(self, **kwargs: Any) -> Any:
-        """A `Worker` on these parts (`observer`, `backend`: see `streams.runtime.Worker`)."""
-        from streams.runtime import Worker
+    def worker(self, *, backend: "Backend | None" = None, observer: "WorkerObserver | None" = None) -> "Worker":
+        """A `Worker` on these parts (see `build_worker`)."""
+        return build_worker(
+            self.settings, embedder=self.embedder, sink=self.sink, cache=self.cache, metrics=self.metrics,
+            backend=backend, observer=observer,
+        )
 
-        return Worker(self.settings, embedder=self.embedder, sink=self.sink, cache=self.cache, metrics=self.metrics, **kwargs)
+    def pipeline(self) -> Pipeline:
+        """A `Pipeline` on these parts (see `build_pipeline`)."""
+        return build_pipeline(self.settings, embedder=self.embedder, sink=self.sink, cache=self.cache)
 
 
 @contextlib.asynccontextmanager
@@ -51,8 +159,6 @@ async def assemble(
     metrics: Metrics | None = None,
 ) -> AsyncIterator[Parts]:
     """Build the missing parts (the model loads off the event loop), yield them, close what was built here."""
-    from streams.factory import build_cache, build_embedder, build_sink
-
     metrics = metrics or Metrics()
     owned: list[Any] = []
     try:
@@ -72,12 +178,17 @@ async def assemble(
             owned.append(embedder)
         yield Parts(settings, embedder, sink, cache, metrics)
     finally:
-        for part in reversed(owned):
-            close = getattr(part, "close", None)
-            if close is None:
-                continue  # the local model holds nothing to release
-            try:
-                if inspect.isawaitable(result := close()):
-                    await result
-            except Exception as exc:  # close the others anyway
-                log.warning("closing %s failed: %s", type(part).__name__, type(exc).__name__)
+        await close_all(reversed(owned))
+
+
+async def close_all(parts: Any) -> None:
+    """Close each part (sync or async `close`), the others even when one fails."""
+    for part in parts:
+        close = getattr(part, "close", None)
+        if close is None:
+            continue  # the local model holds nothing to release
+        try:
+            if inspect.isawaitable(result := close()):
+                await result
+        except Exception as exc:
+            log.warning("closing %s failed: %s", type(part).__name__, type(exc).__name__)

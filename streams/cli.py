@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import orjson
 
 from streams.config import ConfigError, Settings, add_arguments, load_settings
-from streams.tools import DEFAULT_TIMEOUT_SECONDS, FORMATS, UserError
+from streams.commands.common import DEFAULT_TIMEOUT_SECONDS, FORMATS, UserError
 
 log = logging.getLogger("embedworker")
 
@@ -135,8 +135,8 @@ def _print_json(value: Any) -> None:
 
 
 async def _run_worker(settings: Settings) -> int:
-    from processors.http_embedder import EmbeddingServerError
-    from processors.sink import SinkConfigError
+    from processors.errors import EmbeddingServerError
+    from processors.errors import SinkConfigError
     from streams.assembly import assemble
     from streams.metrics import Metrics
     from streams.runtime import Worker, WorkerError
@@ -206,11 +206,11 @@ def cmd_faust(args: argparse.Namespace) -> int:
     return faust_main(args.cmd_faust_args)
 
 
-# ---- produce, search, status, reembed (streams.tools) ---------------------------------------
+# ---- produce, search, status, reembed (streams.commands) -----------------------------------
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from streams import tools
+    from streams.commands import produce as tools
 
     settings = _tool_settings(args)
     events, skipped = tools.read_events(
@@ -227,7 +227,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from streams import tools
+    from streams.commands import search as tools
 
     settings = _tool_settings(args)
     mode = "hybrid" if args.cmd_hybrid else "sparse" if args.cmd_sparse else "dense"
@@ -248,7 +248,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from streams import tools
+    from streams.commands import status as tools
 
     settings = _tool_settings(args)
     report = asyncio.run(
@@ -263,7 +263,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reembed(args: argparse.Namespace) -> int:
-    from streams import tools
+    from streams.commands import reembed as tools
 
     settings = _tool_settings(args)
     from_collection = from_topic = None
@@ -285,10 +285,21 @@ def cmd_reembed(args: argparse.Namespace) -> int:
         extra.append(f"{report.skipped} skipped (invalid or without text)")
     if report.failed:
         extra.append(f"{report.failed} could not be embedded")
+    if report.inconsistent:
+        extra.append(
+            f"{report.inconsistent} documents skipped as inconsistent (written while the copy ran): "
+            "catch up with --from-topic, or run reembed again"
+        )
     print(
         f"re-embedded {report.embedded} texts from {report.source} into collection {report.target} "
         f"with {report.model}{version}; it holds {report.target_count} points" + (f"; {', '.join(extra)}" if extra else "")
     )
+    if report.inconsistent_ids:
+        more = report.inconsistent - len(report.inconsistent_ids)
+        print(
+            f"embedworker: inconsistent documents: {', '.join(report.inconsistent_ids)}" + (f" and {more} more" if more > 0 else ""),
+            file=sys.stderr,
+        )
     if report.failed:
         raise UserError(f"{report.failed} texts could not be embedded (see the warnings above)")
     if report.embedded == 0:

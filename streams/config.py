@@ -2,12 +2,15 @@
 
 The same table builds the CLI flags, the environment lookup and the README's
 configuration table. A bad value raises `ConfigError` naming the setting; the CLI prints
-that one line and exits 2. Secret values never appear in `repr`, logs or errors.
+that one line and exits 2. Every number has a finite range (`Range`), enforced on env
+values, flags and typed overrides alike and stated in its help. Secret values never
+appear in `repr`, logs or errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
@@ -39,39 +42,86 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError("must be a positive integer")
-    return value
+_KIB, _MIB, _GIB, _TIB = 1024, 1024**2, 1024**3, 1024**4
+_BINARY_UNITS = ((_TIB, "TiB"), (_GIB, "GiB"), (_MIB, "MiB"), (_KIB, "KiB"))
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be zero or a positive integer")
-    return value
+def _number(value: float) -> str:
+    if value == int(value):
+        return str(int(value))
+    return f"{value:g}"
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be a positive number")
-    return value
+@dataclass(frozen=True)
+class Range:
+    """A number option's parser and its documented bounds, in one object.
+
+    `float()` takes `inf`, `nan` and `1e-12`: unchecked, they stop periodic commits, spin a
+    loop or make a deadline that never comes. So every number is finite and within
+    [lo, hi]; `off` also allows 0, where 0 switches the feature off but small values are
+    absurd (a 1-byte memory budget pauses forever).
+    """
+
+    lo: float
+    hi: float
+    integer: bool
+    unit: str = ""
+    off: bool = False
+
+    def __call__(self, text: str) -> int | float:
+        try:
+            value: int | float = int(text) if self.integer else float(text)
+        except ValueError:
+            kind = "a whole number" if self.integer else "a number"
+            raise ValueError(f"expected {kind} {self.between()}") from None
+        return self.check(value)
+
+    def check(self, value: int | float) -> int | float:
+        """`value` if finite and in range, else ValueError (typed overrides skip `__call__`)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number {self.between()}")
+        inside = math.isfinite(value) and (self.lo <= value <= self.hi or (self.off and value == 0))
+        if not inside:
+            raise ValueError(f"must be {self.between()}")
+        return value
+
+    def _show(self, value: float) -> str:
+        # Bytes as typed (the variable takes digits) with the binary size a reader recognizes.
+        if self.unit == "bytes" and value:
+            for size, name in _BINARY_UNITS:
+                if value % size == 0:
+                    return f"{_number(value)} ({_number(value // size)} {name})"
+        return _number(value)
+
+    def _unit(self) -> str:
+        return f" {self.unit}" if self.unit else ""
+
+    def between(self) -> str:
+        """For errors: `between 10 and 60000 ms`, `0 (off) or between ...`."""
+        text = f"between {self._show(self.lo)} and {self._show(self.hi)}{self._unit()}"
+        return f"0 (off) or {text}" if self.off else text
+
+    def span(self) -> str:
+        """For the docs: `10 to 60000 ms`, `0 (off) or ...`."""
+        text = f"{self._show(self.lo)} to {self._show(self.hi)}{self._unit()}"
+        return f"0 (off) or {text}" if self.off else text
 
 
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise ValueError("must be a share between 0 and 1 (0 disables)")
-    return value
+def _int_in(lo: int, hi: int, unit: str = "", *, off: bool = False) -> Range:
+    return Range(lo, hi, integer=True, unit=unit, off=off)
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number (0 disables)")
-    return value
+def _float_in(lo: float, hi: float, unit: str = "", *, off: bool = False) -> Range:
+    return Range(lo, hi, integer=False, unit=unit, off=off)
+
+
+_RETRY_SECONDS = _float_in(0.01, 3600, "s")
+_BATCH_MESSAGES = _int_in(1, 100_000, "messages")
+# The top is a "no limit" for benchmarks (bench/scenarios.py: FIXED_COUNT_SETTINGS).
+_BATCH_TOKENS = _int_in(1, 1_000_000_000, "tokens")
+_BATCH_WAIT_MS = _float_in(0.1, 60_000, "ms")
+_LAG_RECORDS = 1_000_000_000
+_MESSAGE_BYTES = 100 * _MIB
 
 
 def _nonempty(text: str) -> str:
@@ -107,6 +157,13 @@ class Option:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def doc(self) -> str:
+        """The help with a number's range, so flags and the README state the bounds the parser enforces."""
+        if isinstance(self.parse, Range):
+            return f"{self.help}; {self.parse.span()}"
+        return self.help
+
 
 OPTIONS: tuple[Option, ...] = (
     Option("bootstrap_servers", "localhost:9092", _nonempty, "Kafka bootstrap servers, comma-separated"),
@@ -114,6 +171,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("output_topic", "embeddings", _nonempty, "Topic of result events"),
     Option("dlq_topic", "texts.dlq", _nonempty, "Dead-letter topic"),
     Option("group_id", "embedworker", _nonempty, "Kafka consumer group"),
+    Option("isolation_level", "read_committed", _choice("read_committed", "read_uncommitted"),
+           "Which records the consumers read: read_committed (the collection mirrors committed data only: records of aborted "
+           "transactions are skipped, those of open ones wait for the commit) or read_uncommitted (aborted records too)"),
     Option("kafka_security_protocol", "PLAINTEXT", _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"), "Kafka security protocol"),
     Option("kafka_sasl_mechanism", "PLAIN", _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"), "SASL mechanism"),
     Option("kafka_sasl_username", "", _text, "SASL user name"),
@@ -122,7 +182,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("kafka_ssl_certfile", "", _text, "Client certificate (mutual TLS)"),
     Option("kafka_ssl_keyfile", "", _text, "Client private key (mutual TLS)"),
     Option("redis_url", "", _text, "Redis URL for the vector cache (redis:// or rediss://); empty: no cache", secret=True),
-    Option("cache_ttl_seconds", 7 * 24 * 3600, _positive_int, "Lifetime of a cached vector"),
+    Option("cache_ttl_seconds", 7 * 24 * 3600, _int_in(1, 365 * 24 * 3600, "s"), "Lifetime of a cached vector (at most a year)"),
     Option("cache_dtype", "float32", _choice("float32", "float16"), "Stored vector precision in Redis"),
     Option("qdrant_url", "", _text, "Qdrant server URL (https:// for TLS)"),
     Option("qdrant_api_key", "", _text, "Qdrant API key", secret=True),
@@ -138,18 +198,19 @@ OPTIONS: tuple[Option, ...] = (
            "off, or bm25 (qdrant-edge's BM25 tokenizer; IDF in the engine)"),
     Option("long_text", "chunk", _choice("chunk", "truncate"),
            "A text over the model's token limit: chunk (several points) or truncate (its first tokens)"),
-    Option("chunk_overlap_tokens", 32, _non_negative_int, "Tokens a chunk repeats from the end of the previous one"),
-    Option("embed_retry_seconds", 1.0, _positive_float,
+    Option("chunk_overlap_tokens", 32, _int_in(0, 4096, "tokens"),
+           "Tokens a chunk repeats from the end of the previous one (at most half a chunk is used)"),
+    Option("embed_retry_seconds", 1.0, _RETRY_SECONDS,
            "How long a failing batch is retried before a probe text tells a poison text from a model outage"),
     Option("pass_headers", "", _text,
            "Input Kafka headers copied onto the result and the dead letter, comma-separated (traceparent/tracestate always)"),
-    Option("dlq_max_payload_bytes", 64 * 1024, _non_negative_int,
+    Option("dlq_max_payload_bytes", 64 * 1024, _int_in(0, _MESSAGE_BYTES, "bytes"),
            "Most bytes of the original payload a dead letter carries (the rest: its size and sha256)"),
-    Option("dlq_max_ratio", 0.5, _ratio,
+    Option("dlq_max_ratio", 0.5, _float_in(0, 1),
            "Dead-letter breaker: pause when more than this share of a partition's last EMBEDWORKER_DLQ_WINDOW messages are dead letters (0: off)"),
-    Option("dlq_window", 1000, _positive_int,
+    Option("dlq_window", 1000, _int_in(1, 1_000_000, "messages"),
            "Dead-letter breaker: messages per partition the ratio is taken over (judged once that many were seen)"),
-    Option("dlq_max_consecutive", 200, _non_negative_int,
+    Option("dlq_max_consecutive", 200, _int_in(0, 1_000_000, "messages"),
            "Dead-letter breaker: pause at more than this many dead letters in a row on a partition (0: off)"),
     Option("model", "all-MiniLM-L6-v2", _nonempty, "Model name or path (default: the bundled all-MiniLM-L6-v2)"),
     Option("device", "auto", _nonempty, "auto, cpu, cuda, cuda:N or mps"),
@@ -157,34 +218,36 @@ OPTIONS: tuple[Option, ...] = (
            "local (sentence-transformers in this process) or http (an OpenAI-compatible /v1/embeddings server)"),
     Option("embeddings_url", "", _text, "Base URL of the embeddings server, e.g. http://tei:8080/v1 (embedder http)", secret=True),
     Option("embeddings_api_key", "", _text, "API key of the embeddings server (sent as a bearer token)", secret=True),
-    Option("embeddings_dimensions", 0, _non_negative_int, "Vector size asked of the server (0: what the model gives)"),
-    Option("embeddings_max_batch", 32, _positive_int, "Most inputs in one request to the embeddings server"),
-    Option("embeddings_concurrency", 4, _positive_int, "Requests to the embeddings server in flight at once"),
+    # 65536: the largest dense vector Qdrant accepts.
+    Option("embeddings_dimensions", 0, _int_in(0, 65_536), "Vector size asked of the server (0: what the model gives)"),
+    Option("embeddings_max_batch", 32, _int_in(1, 4096, "inputs"), "Most inputs in one request to the embeddings server"),
+    Option("embeddings_concurrency", 4, _int_in(1, 256, "requests"), "Requests to the embeddings server in flight at once"),
     Option("embeddings_encoding", "float", _choice("float", "base64"), "Vector encoding asked of the server"),
-    Option("embeddings_retry_seconds", 10.0, _positive_float, "How long 429, 5xx and transport errors are retried per request"),
-    Option("processes", 1, _positive_int,
+    Option("embeddings_retry_seconds", 10.0, _RETRY_SECONDS, "How long 429, 5xx and transport errors are retried per request"),
+    Option("processes", 1, _int_in(1, 256),
            "Worker processes on this host, each a consumer-group member (needs a Qdrant server: the embedded and in-memory stores belong to one process)"),
-    Option("torch_threads", 0, _non_negative_int, "torch CPU threads (0: one per core)"),
-    Option("metrics_port", 9108, _port, "Port of /metrics (0: off)"),
+    Option("torch_threads", 0, _int_in(0, 1024), "torch CPU threads (0: one per core)"),
+    Option("metrics_port", 9108, _int_in(0, 65_535), "Port of /metrics (0: off)"),
     Option("metrics_host", "127.0.0.1", _nonempty, "Address /metrics binds to"),
-    Option("batch_min_messages", 64, _positive_int, "Batch size limit at low lag"),
-    Option("batch_max_messages", 256, _positive_int, "Batch size limit at high lag"),
-    Option("batch_min_tokens", 4096, _positive_int, "Token budget of a batch at low lag"),
-    Option("batch_max_tokens", 16384, _positive_int, "Token budget of a batch at high lag"),
-    Option("batch_min_wait_ms", 5.0, _positive_float, "Longest wait for a batch to fill at low lag"),
-    Option("batch_max_wait_ms", 250.0, _positive_float, "Longest wait for a batch to fill at high lag"),
-    Option("lag_low", 100, _non_negative_int, "Lag (records) at or below which batching favours latency"),
-    Option("lag_high", 5000, _positive_int, "Lag (records) at or above which batching favours throughput"),
-    Option("max_in_flight_batches", 3, _positive_int, "Batches processed concurrently (pipelining depth)"),
-    Option("buffer_max_messages", 5000, _positive_int, "Pause when this many messages are buffered"),
-    Option("buffer_max_bytes", 64 * 1024 * 1024, _positive_int, "Pause when this many bytes are buffered"),
-    Option("memory_budget_bytes", 0, _non_negative_int, "Pause when RSS reaches 90% of this (0: off)"),
-    Option("fetch_max_records", 500, _positive_int, "Most records per fetch call"),
-    Option("fetch_max_wait_ms", 10, _positive_int, "Longest a fetch waits at the broker for data (a latency floor on brokers that hold it)"),
-    Option("max_message_bytes", 1_000_000, _positive_int, "Largest input message accepted"),
-    Option("max_text_bytes", 100_000, _positive_int, "Largest text accepted (UTF-8 bytes)"),
-    Option("commit_interval_ms", 500.0, _positive_float, "How often finished offsets are committed"),
-    Option("shutdown_timeout_seconds", 30.0, _positive_float, "Drain deadline on SIGTERM"),
+    Option("batch_min_messages", 64, _BATCH_MESSAGES, "Batch size limit at low lag"),
+    Option("batch_max_messages", 256, _BATCH_MESSAGES, "Batch size limit at high lag"),
+    Option("batch_min_tokens", 4096, _BATCH_TOKENS, "Token budget of a batch at low lag"),
+    Option("batch_max_tokens", 16384, _BATCH_TOKENS, "Token budget of a batch at high lag"),
+    Option("batch_min_wait_ms", 5.0, _BATCH_WAIT_MS, "Longest wait for a batch to fill at low lag"),
+    Option("batch_max_wait_ms", 250.0, _BATCH_WAIT_MS, "Longest wait for a batch to fill at high lag"),
+    Option("lag_low", 100, _int_in(0, _LAG_RECORDS, "records"), "Lag (records) at or below which batching favours latency"),
+    Option("lag_high", 5000, _int_in(1, _LAG_RECORDS, "records"), "Lag (records) at or above which batching favours throughput"),
+    Option("max_in_flight_batches", 3, _int_in(1, 64, "batches"), "Batches processed concurrently (pipelining depth)"),
+    Option("buffer_max_messages", 5000, _int_in(1, 10_000_000, "messages"), "Pause when this many messages are buffered"),
+    Option("buffer_max_bytes", 64 * _MIB, _int_in(_MIB, 64 * _GIB, "bytes"), "Pause when this many bytes are buffered"),
+    Option("memory_budget_bytes", 0, _int_in(64 * _MIB, 4 * _TIB, "bytes", off=True), "Pause when RSS reaches 90% of this"),
+    Option("fetch_max_records", 500, _int_in(1, 100_000, "records"), "Most records per fetch call"),
+    Option("fetch_max_wait_ms", 10, _int_in(1, 10_000, "ms"), "Longest a fetch waits at the broker for data (a latency floor on brokers that hold it)"),
+    Option("max_message_bytes", 1_000_000, _int_in(_KIB, _MESSAGE_BYTES, "bytes"), "Largest input message accepted"),
+    Option("max_text_bytes", 100_000, _int_in(1, _MESSAGE_BYTES, "bytes"), "Largest text accepted (UTF-8 bytes)"),
+    Option("commit_interval_ms", 500.0, _float_in(10, 60_000, "ms"), "How often finished offsets are committed (and lag is reported)"),
+    Option("shutdown_timeout_seconds", 30.0, _float_in(1, 3600, "s"),
+           "Drain deadline on SIGTERM (the worker needs it under 60 s: half of it, the revoke wait, must stay below the 30 s rebalance timeout)"),
     Option("tracing", True, _bool, "OpenTelemetry spans per batch when the otel extra is installed and a tracer provider is set"),
     Option("log_format", "text", _choice("text", "json"), "Log format"),
     Option("log_level", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "Log level"),
@@ -200,6 +263,7 @@ class Settings:
     output_topic: str
     dlq_topic: str
     group_id: str
+    isolation_level: str
     kafka_security_protocol: str
     kafka_sasl_mechanism: str
     kafka_sasl_username: str
@@ -316,12 +380,14 @@ def load_settings(
             raw, source = environ[option.env], option.env
         if overrides.get(option.name) is not None:
             raw, source = overrides[option.name], option.flag
-        if source is not None and isinstance(raw, str):
-            try:
+        try:
+            if source is not None and isinstance(raw, str):
                 raw = option.parse(raw)
-            except ValueError as exc:
-                shown = "***" if option.secret else repr(raw)
-                raise ConfigError(option.env, f"{shown}: {exc}") from None
+            elif source is not None and isinstance(option.parse, Range):
+                raw = option.parse.check(raw)  # a typed override (code, not a user) gets the same bounds
+        except ValueError as exc:
+            shown = "***" if option.secret else repr(raw)
+            raise ConfigError(option.env, f"{shown}: {exc}") from None
         values[option.name] = raw
     settings = Settings(**values)
     _check(settings)
@@ -340,7 +406,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: set[str] | None = None
             default=None,
             metavar=option.name.split("_")[-1].upper(),
             # argparse %-formats help: "90% of this" would break --help.
-            help=f"{option.help} [env {option.env}, default {default!r}]".replace("%", "%%"),
+            help=f"{option.doc} [env {option.env}, default {default!r}]".replace("%", "%%"),
         )
 
 
@@ -348,5 +414,5 @@ def markdown_table() -> str:
     rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
     for option in OPTIONS:
         default = "" if option.default == "" else f"`{option.default}`"
-        rows.append(f"| `{option.env}` | `{option.flag}` | {default} | {option.help} |")
+        rows.append(f"| `{option.env}` | `{option.flag}` | {default} | {option.doc} |")
     return "\n".join(rows)

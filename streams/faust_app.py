@@ -148,10 +148,7 @@ class _Runtime:
                 assemble(s, embedder=self.embedder, sink=self.sink, cache=self.cache)
             )
             self.embedder, self.sink, self.cache = parts.embedder, parts.sink, parts.cache
-            pipeline = Pipeline(
-                embedder=self.embedder, sink=self.sink, cache=self.cache, store_text=s.store_text,
-                long_text=s.long_text, chunk_overlap_tokens=s.chunk_overlap_tokens,
-            )
+            pipeline = parts.pipeline()
             await pipeline.start()
             self.pipeline = pipeline
             log.info(

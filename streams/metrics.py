@@ -63,6 +63,12 @@ class Metrics:
             "embedworker_chunks_written_total", "Chunk points written to the store", registry=r
         )
         self.sink_errors = Counter("embedworker_sink_errors_total", "Failed upsert attempts (retried)", registry=r)
+        self.store_rejected = Counter(
+            "embedworker_store_rejected_total", "Documents the store refused on their merits (dead-lettered as store_rejected)", registry=r
+        )
+        self.cache_invalid = Counter(
+            "embedworker_cache_invalid_total", "Cached values refused (not finite or not of unit norm) and embedded again", registry=r
+        )
         self.texts_embedded = Counter("embedworker_texts_embedded_total", "Texts run through the model", registry=r)
         self.batch_size = Histogram(
             "embedworker_batch_size_messages", "Messages per micro-batch", buckets=_BATCH_BUCKETS, registry=r

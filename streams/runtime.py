@@ -30,10 +30,8 @@ import psutil
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
-from processors.cache import VectorCache
-from processors.embedder import Embedder, estimate_tokens
+from processors.embedder import estimate_tokens
 from processors.pipeline import LONG_TEXT_CHUNK, Outcome, Pipeline, PipelineHooks
-from processors.sink import VectorSink
 from schemas import REPLAY_COUNT_HEADER, InputEvent, Limits
 from streams.backends import Backend
 from streams.backends.kafka import REBALANCE_TIMEOUT_MS, KafkaBackend
@@ -127,19 +125,17 @@ class _RebalanceListener(ConsumerRebalanceListener):
 class Worker:
     """One consumer-group member running the embedding pipeline.
 
-    Keyword-only: `embedder`, `sink`, `cache` (None: no cache), `metrics` (default: a
-    fresh registry), `observer` (measurement hooks), `backend` (default: aiokafka;
-    `streams.backends.memory.MemoryBroker` in unit tests). `settings` carries everything
-    else (see `streams.config.OPTIONS`).
+    Built by `streams.assembly.build_worker`. Keyword-only: `pipeline` (its hooks become the
+    worker's metrics), `metrics` (default: a fresh registry), `observer` (measurement hooks),
+    `backend` (default: aiokafka; `streams.backends.memory.MemoryBroker` in unit tests).
+    `settings` carries everything else (see `streams.config.OPTIONS`).
     """
 
     def __init__(
         self,
         settings: Settings,
         *,
-        embedder: Embedder,
-        sink: VectorSink,
-        cache: VectorCache | None = None,
+        pipeline: Pipeline,
         metrics: Metrics | None = None,
         observer: WorkerObserver | None = None,
         backend: Backend | None = None,
@@ -154,23 +150,22 @@ class Worker:
         self.observer = observer or WorkerObserver()
         self.metrics = metrics or Metrics()
         self.stats = RunStats()
-        self.embedder = embedder
+        self.pipeline = pipeline
+        self.embedder = pipeline.embedder
         m = self.metrics
         self._sink_healthy = True
         self.tracing = Tracing(enabled=settings.tracing)
-        hooks = PipelineHooks(
+        # The worker's telemetry rides on the pipeline it is given (built by `streams.assembly`).
+        pipeline.hooks = PipelineHooks(
             on_cache=self._count_cache,
             on_embed=lambda texts, seconds: (m.texts_embedded.inc(texts), m.embed_seconds.observe(seconds)),
             on_upsert=lambda points, seconds: (m.chunks_written.inc(points), m.upsert_seconds.observe(seconds)),
             on_sink_error=m.sink_errors.inc,
             on_sink_state=self._set_sink_state,
             on_model_error=m.model_errors.inc,
+            on_cache_invalid=m.cache_invalid.inc,
+            on_store_rejected=m.store_rejected.inc,
             phase=self.tracing.phase,
-        )
-        self.pipeline = Pipeline(
-            embedder=embedder, sink=sink, cache=cache, store_text=settings.store_text, hooks=hooks,
-            long_text=settings.long_text, chunk_overlap_tokens=settings.chunk_overlap_tokens,
-            embed_retry_seconds=settings.embed_retry_seconds,
         )
         self._epochs: dict[TopicPartition, int] = {}
         self._next_epoch = 1

@@ -11,6 +11,7 @@ from fakes import WordEmbedder
 from processors.sink import QdrantSink
 from streams.backends.memory import MemoryBroker
 from streams.config import load_settings
+from streams.assembly import build_worker
 from streams.runtime import PublishError, Worker
 from support import unique
 
@@ -42,7 +43,7 @@ async def until(condition, what: str, timeout: float = 10.0) -> None:
 @contextlib.asynccontextmanager
 async def worker_on(broker: MemoryBroker, settings: Any, **kwargs: Any) -> AsyncIterator[Worker]:
     kwargs.setdefault("sink", QdrantSink(collection=settings.collection))
-    worker = Worker(settings, embedder=kwargs.pop("embedder", WordEmbedder(max_tokens=64)), backend=broker, **kwargs)
+    worker = build_worker(settings, embedder=kwargs.pop("embedder", WordEmbedder(max_tokens=64)), backend=broker, **kwargs)
     task = asyncio.create_task(worker.run())
     try:
         await until(lambda: worker.started.is_set() or task.done(), "worker start")

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from processors.cache import RedisCache
 from processors.sink import QdrantSink
-from streams.factory import build_sink
+from streams.assembly import build_sink
 from streams.config import Settings, load_settings
 from streams.kafka import ensure_topics, make_producer
 from streams.metrics import Metrics

@@ -16,10 +16,12 @@ import orjson
 import pytest
 from prometheus_client import Gauge, start_http_server
 
-from streams.factory import build_sink
+from streams.assembly import build_sink
 from schemas import point_id
 from cli_support import clean_cli_state, run_cli  # noqa: F401  (a fixture)
-from streams import cli, tools
+from streams import cli
+from streams.commands import produce as produce_command, reembed as reembed_command
+from streams.commands.common import _sibling
 from streams.devstack import free_port
 from streams.metrics import Metrics
 from support import committed_offsets, event, make_settings, produce, read_topic, running_worker, wait_until
@@ -146,17 +148,17 @@ def test_errors_are_json_lines_under_log_format_json(capsys):
 def test_read_events_mapping(tmp_path):
     settings = cli.load_settings({}, environ={})
     path = _write(tmp_path, "in.jsonl", '{"doc": 7, "body": "a text", "lang": "en", "metadata": {"k": 1}}\n\n{"body": "b"}\n')
-    events, skipped = tools.read_events(str(path), "jsonl", settings, id_field="doc", text_field="body", id_prefix="src-")
+    events, skipped = produce_command.read_events(str(path), "jsonl", settings, id_field="doc", text_field="body", id_prefix="src-")
     assert skipped == 0
     assert [(e.id, e.text, e.metadata) for e in events] == [("src-7", "a text", {"k": 1, "lang": "en"}), ("src-3", "b", {})]
     path = _write(tmp_path, "in.txt", "x\n\n  \ny\r\n")
-    events, _ = tools.read_events(str(path), "lines", settings)
+    events, _ = produce_command.read_events(str(path), "lines", settings)
     assert [(e.id, e.text) for e in events] == [("in.txt:1", "x"), ("in.txt:4", "y")]
     path = _write(tmp_path, "skip.jsonl", '{"id": "a", "text": "ok"}\nnot json\n{"id": "c", "text": ""}\n')
-    events, skipped = tools.read_events(str(path), "jsonl", settings, skip_invalid=True)
+    events, skipped = produce_command.read_events(str(path), "jsonl", settings, skip_invalid=True)
     assert [e.id for e in events] == ["a"] and skipped == 2
-    assert tools.model_short_name("sentence-transformers/all-MiniLM-L6-v2") == "all-minilm-l6-v2"
-    assert tools.model_short_name("/models/My Model v2/") == "my-model-v2"
+    assert reembed_command.model_short_name("sentence-transformers/all-MiniLM-L6-v2") == "all-minilm-l6-v2"
+    assert reembed_command.model_short_name("/models/My Model v2/") == "my-model-v2"
 
 
 # ---- on real services ----------------------------------------------------------------------
@@ -349,7 +351,7 @@ async def test_reembed_collection_into_a_new_collection(corpus_store, capsys):
     assert f"re-embedded {len(CORPUS)} texts" in out and target_name in out
 
     source = build_sink(settings)
-    target = tools._sibling(source, target_name)  # noqa: SLF001  (one client per path)
+    target = _sibling(source, target_name)  # noqa: SLF001  (one client per path)
     try:
         assert await target.count() == await source.count() == len(CORPUS)
         ids = await source.scroll_ids()

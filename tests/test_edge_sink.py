@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from processors.edge_sink import EdgeSink
-from processors.sink import Point, QdrantSink, SinkConfigError
+from processors.errors import SinkConfigError
+from processors.sink import Point, QdrantSink
 
 DIM = 32
 ROOT = Path(__file__).resolve().parent.parent

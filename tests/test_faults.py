@@ -73,7 +73,7 @@ def _no_worker_outlives_its_test():
 
 def open_store(settings: Settings, store: Path):
     """The store the worker processes wrote (same engine, same settings)."""
-    from streams.factory import build_sink
+    from streams.assembly import build_sink
 
     return build_sink(settings if settings.qdrant_url else settings.replace(qdrant_path=str(store)))
 

@@ -16,7 +16,8 @@ import orjson
 import pytest
 
 from bench.embedding_server import available, embedding_server
-from processors.http_embedder import EmbeddingServerError, HttpEmbedder, estimated_offsets
+from processors.errors import EmbeddingServerError
+from processors.http_embedder import HttpEmbedder, estimated_offsets
 from schemas import point_id
 from support import event, make_settings, make_sink, produce, read_topic, running_worker, wait_until
 
@@ -190,7 +191,7 @@ async def test_worker_with_the_http_embedder_end_to_end(services, server, embedd
     long_text = " ".join(f"Paragraph {i} tells of streams, vectors and the stores that keep them." for i in range(60))
     texts = [f"event {i}: the worker embeds this through a server" for i in range(30)] + [long_text]
     await produce(settings, [event(f"h-{i}", t) for i, t in enumerate(texts)] + [b"not json"])
-    from streams.factory import build_embedder
+    from streams.assembly import build_embedder
 
     client = build_embedder(settings)
     sink = make_sink(settings)
@@ -253,3 +254,25 @@ async def test_the_pipeline_dead_letters_exactly_the_input_the_server_refuses():
     assert "400" in outcomes[-1].error_message and "bad input" in outcomes[-1].error_message
     assert await sink.count() == 5
     await sink.close()
+
+
+@pytest.mark.integration
+@needs_server
+async def test_search_and_reembed_embed_through_the_configured_server(services, tmp_path, embedder):
+    """`search` and `reembed` build their embedder where the worker does: a model only the server
+    knows (no local model of that name) fills a collection and answers a query."""
+    from streams.commands.reembed import reembed
+    from streams.commands.search import search
+
+    with embedding_server(served_name="served-only-minilm") as served:
+        settings = await make_settings(
+            services, partitions=1, embedder="http", embeddings_url=served.url, model=served.model,
+            qdrant_path=str(tmp_path / "store"), qdrant_engine="edge",
+        )
+        texts = ["the cat sleeps on the warm windowsill", "stock markets fell sharply today", "a recipe for lemon cake"]
+        await produce(settings, [event(f"s-{i}", t) for i, t in enumerate(texts)])
+        report = await reembed(settings, model=served.model, target=settings.collection, from_topic=settings.input_topic)
+        assert (report.embedded, report.failed) == (3, 0)
+        hits = await search(settings, "a kitten napping in the sun", limit=1)
+    assert hits[0].payload["id"] == "s-0"
+    assert hits[0].payload["model"] == "served-only-minilm"

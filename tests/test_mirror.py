@@ -22,7 +22,7 @@ import pytest
 from processors.faults import FailingSink, SlowCache
 from schemas import normalize_text
 from streams.runtime import WorkerObserver
-from streams.tools import document_text
+from streams.commands.reembed import document_text
 from support import (
     LatencyProxy, committed_offsets, make_cache, make_settings, make_sink, produce, read_topic, running_worker, wait_until,
 )

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from processors.cache import RedisCache
 from processors.faults import FailingSink, PoisonEmbedder
 from processors.pipeline import Backoff, Pipeline
-from processors.sink import QdrantSink, SinkConfigError
+from processors.errors import SinkConfigError
+from processors.sink import QdrantSink
 from schemas import InputEvent, InvalidEvent, decode_input, point_id
 from support import unique
 

@@ -22,6 +22,7 @@ from processors.backoff import Backoff
 from processors.faults import FailingSink
 from processors.sink import QdrantSink
 from schemas import content_hash
+from streams.assembly import build_worker
 from streams.backends.memory import MemoryBroker
 from streams.metrics import Metrics
 from streams.offsets import OffsetTracker
@@ -168,7 +169,7 @@ async def test_a_dead_letter_the_broker_refuses_goes_without_its_payload_and_a_r
 
     broker.refuse_larger_than = 10  # now even a result is refused: one clear error, the worker stops
     settings = memory_settings(broker)
-    worker = Worker(settings, embedder=WordEmbedder(), sink=QdrantSink(collection=settings.collection), backend=broker)
+    worker = build_worker(settings, embedder=WordEmbedder(), sink=QdrantSink(collection=settings.collection), backend=broker)
     broker.append(settings.input_topic, body("a", "text"), partition=0)
     with caplog.at_level(logging.ERROR), pytest.raises(PublishError, match="cannot be retried"):
         await asyncio.wait_for(worker.run(), timeout=10)

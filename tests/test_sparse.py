@@ -22,7 +22,8 @@ import pytest
 
 from processors.edge_sink import EdgeSink
 from processors.pipeline import Pipeline
-from processors.sink import QdrantSink, SinkConfigError
+from processors.errors import SinkConfigError
+from processors.sink import QdrantSink
 from processors.sparse import RRF_K, Bm25Encoder
 from schemas import InputEvent, normalize_text
 from streams import cli

@@ -37,6 +37,9 @@ def consumer_options(settings: Settings) -> dict[str, Any]:
         group_id=settings.group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        # aiokafka reads uncommitted by default: records of aborted transactions would become
+        # points. Every consumer built here (the worker's, the tools' group-less readers) honours it.
+        isolation_level=settings.isolation_level,
         max_partition_fetch_bytes=max(1_048_576, settings.max_message_bytes + 1024),
         session_timeout_ms=10_000,
         heartbeat_interval_ms=3_000,

@@ -122,8 +122,8 @@ def _reader(settings: Settings, timeout: float, **overrides: Any) -> Any:
 
 def _open_sink(settings: Settings, collection: str | None = None, *, must_exist_path: bool = True) -> Any:
     """The sink on the configured server or embedded path (either engine); never the in-memory store."""
-    from processors.sink import SinkConfigError
-    from streams.factory import build_sink
+    from processors.errors import SinkConfigError
+    from streams.assembly import build_sink
 
     if not settings.qdrant_url and not settings.qdrant_path:
         raise UserError("no Qdrant configured: set EMBEDWORKER_QDRANT_URL or EMBEDWORKER_QDRANT_PATH (--qdrant-url, --qdrant-path)")
@@ -142,7 +142,7 @@ def _sibling(sink: Any, collection: str) -> Any:
 
 async def _vector_size(sink: Any) -> int | None:
     """The collection's vector size, or None when it does not exist."""
-    from processors.sink import SinkConfigError
+    from processors.errors import SinkConfigError
 
     try:
         return await sink.vector_size()
@@ -154,11 +154,11 @@ async def _vector_size(sink: Any) -> int | None:
         raise UserError(f"cannot reach Qdrant at {sink.location}: {type(exc).__name__}: {_one_line(exc)}") from None
 
 
-def _load_embedder(model: str, device: str) -> Any:
-    from processors.embedder import SentenceTransformerEmbedder
+def _load_embedder(settings: Settings, model: str | None = None) -> Any:
+    """The embedder the worker would build (`streams.assembly.build_embedder`), on `model` if given."""
+    from streams.assembly import build_embedder
 
     try:
-        return SentenceTransformerEmbedder(model=model, device=device)
+        return build_embedder(settings, model=model)
     except Exception as exc:
-        raise UserError(f"cannot load model {model!r}: {type(exc).__name__}: {_one_line(exc)}") from None
-
+        raise UserError(f"cannot load model {model or settings.model!r}: {type(exc).__name__}: {_one_line(exc)}") from None

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, NamedTuple, Sequence
 
 from streams.config import Settings
 from streams.commands.common import DEFAULT_TIMEOUT_SECONDS, UserError, _high_watermarks, _load_embedder, _one_line, _open_sink, _progress, _reader, _sibling, _start_client, _stop_quietly, _topic_partitions, _vector_size
@@ -21,6 +21,10 @@ def model_short_name(model: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-") or "model"
 
 
+# Inconsistent documents named in the report (escaped); the rest are only counted.
+MAX_REPORTED_IDS = 20
+
+
 @dataclass
 class ReembedReport:
     source: str
@@ -32,27 +36,110 @@ class ReembedReport:
     failed: int = 0
     skipped: int = 0
     target_count: int = 0
+    inconsistent: int = 0
+    """Documents of the source collection whose chunks are no one version (see `rebuild_document`): not written."""
+    inconsistent_ids: list[str] = field(default_factory=list)
+    """The first `MAX_REPORTED_IDS` of them, each id as a Python literal (`repr`: quoted, control characters escaped)."""
+
+
+class Rebuilt(NamedTuple):
+    text: str | None
+    """The document's text; None when it cannot be rebuilt."""
+    problem: str | None = None
+    """Why not (None: rebuilt, or a document without stored text)."""
+    inconsistent: bool = False
+    """The chunks are not one version of the document (a mix, or one missing): a later read may succeed."""
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def rebuild_document(chunks: Sequence[dict[str, Any]]) -> Rebuilt:
+    """A document's text from its chunks' payloads, only when they are one complete version of it.
+
+    The source collection may be written while it is read, and a paged scroll is no snapshot:
+    it can return v2's chunks 0-1 beside v1's chunks 2-4. The payload has no per-document hash
+    or version, so this is the strongest check it allows; every chunk must
+    - agree on `chunk_count` n, with `chunk_index` 0..n-1 each exactly once;
+    - agree on `metadata` (a document's chunks are written with the same one);
+    - (n > 1) carry its `text` and a `chunk_start`/`chunk_end` span of that length (a chunk's
+      text is its span of the normalized document); chunk 0 starts at 0, and each next span
+      starts and ends no earlier than the one before and starts no later than it ends, with the
+      overlapped characters equal in both texts. The text is the spans joined, overlaps once.
+    A one-chunk document (n = 1, index 0, or a legacy point without these fields) is its text
+    as sent; its span is of the normalized text, so it is not compared.
+
+    Anything else is `inconsistent` (a chunk missing, an index twice or out of range, counts or
+    metadata that disagree, a span that is not its text's, overlaps that differ). Not caught:
+    two versions chunked at the same offsets whose chunks differ only outside the overlaps
+    (edits in two chunks' own parts). A gap between two spans is what chunking with
+    chunk_overlap_tokens=0 leaves (the whitespace between tokens is in no chunk): that text is
+    stored nowhere, so such a document is not rebuilt either, but not counted as inconsistent.
+    """
+    if not chunks:
+        return Rebuilt(None, "no chunks", True)
+    indexed: dict[int, dict[str, Any]] = {}
+    counts: set[int | None] = set()
+    for payload in chunks:
+        raw_index, raw_count = payload.get("chunk_index", 0), payload.get("chunk_count", 1)
+        index, count = _int(raw_index), _int(raw_count)
+        if index is None or count is None:
+            return Rebuilt(None, f"chunk_index {raw_index!r} / chunk_count {raw_count!r} not integers", True)
+        if index in indexed:
+            return Rebuilt(None, f"chunk {index} twice", True)
+        indexed[index] = payload
+        counts.add(count)
+    if len(counts) > 1:
+        return Rebuilt(None, f"chunk counts disagree: {sorted(counts)}", True)  # type: ignore[type-var]
+    n = counts.pop()
+    assert n is not None
+    missing = sorted(set(range(n)) - set(indexed))
+    if missing or len(indexed) != n:
+        stray = sorted(set(indexed) - set(range(n)))
+        return Rebuilt(None, f"chunk {missing[0]} of {n} missing" if missing else f"chunk {stray[0]} beyond chunk_count {n}", True)
+    ordered = [indexed[i] for i in range(n)]
+    metadata = ordered[0].get("metadata")
+    if any(p.get("metadata") != metadata for p in ordered[1:]):
+        return Rebuilt(None, "chunks carry different metadata", True)
+    if n == 1:
+        text = ordered[0].get("text")
+        return Rebuilt(text if isinstance(text, str) else None)
+    if not all(isinstance(p.get("text"), str) for p in ordered):
+        return Rebuilt(None)  # stored without text: nothing to check or rebuild
+    spans: list[tuple[int, int, str]] = []
+    for i, payload in enumerate(ordered):
+        start, end, text = _int(payload.get("chunk_start")), _int(payload.get("chunk_end")), payload["text"]
+        if start is None or end is None or end - start != len(text):
+            return Rebuilt(None, f"chunk {i}: span {payload.get('chunk_start')!r}-{payload.get('chunk_end')!r} is not its text's", True)
+        spans.append((start, end, text))
+    if spans[0][0] != 0:
+        return Rebuilt(None, f"chunk 0 starts at {spans[0][0]}", True)
+    parts = [spans[0][2]]
+    for i in range(1, n):
+        (start0, end0, text0), (start1, end1, text1) = spans[i - 1], spans[i]
+        if start1 < start0 or end1 < end0:
+            return Rebuilt(None, f"chunk {i} ({start1}-{end1}) goes back from chunk {i - 1} ({start0}-{end0})", True)
+        if start1 > end0:
+            return Rebuilt(None, f"gap between chunks {i - 1} and {i} ({end0}-{start1}): that text is in no chunk")
+        if text0[start1 - start0:] != text1[:end0 - start1]:
+            return Rebuilt(None, f"chunks {i - 1} and {i} differ on their overlap", True)
+        parts.append(text1[end0 - start1:])
+    return Rebuilt("".join(parts))
 
 
 def document_text(chunks: Sequence[dict[str, Any]]) -> str | None:
-    """A document's (normalized) text from its chunks' payloads: their spans, overlaps removed."""
-    ordered = sorted(chunks, key=lambda p: int(p.get("chunk_index", 0)))
-    if len(ordered) == 1:
-        text = ordered[0].get("text")
-        return text if isinstance(text, str) else None
-    parts: list[str] = []
-    covered = 0
-    for payload in ordered:
-        text, start = payload.get("text"), payload.get("chunk_start")
-        if not isinstance(text, str) or not isinstance(start, int):
-            return None
-        parts.append(text[max(0, covered - start):])
-        covered = max(covered, start + len(text))
-    return "".join(parts)
+    """A document's (normalized) text from its chunks' payloads; None unless they are one version (`rebuild_document`)."""
+    return rebuild_document(chunks).text
 
 
 async def _collection_batches(source: Any, batch_size: int, report: ReembedReport) -> AsyncIterator[list[Any]]:
-    """The source's documents (chunks put back together), `batch_size` at a time."""
+    """The source's documents (chunks put back together), `batch_size` at a time.
+
+    `points()` reads every scroll page before anything is grouped, so a document's chunks are
+    put together wherever the pages cut. A document whose chunks are no one version (written
+    while this ran) is skipped and counted in `report.inconsistent`: its text never existed.
+    """
     from schemas import InputEvent
 
     documents: dict[str, list[dict[str, Any]]] = {}
@@ -66,12 +153,17 @@ async def _collection_batches(source: Any, batch_size: int, report: ReembedRepor
     events = []
     for event_id, chunks in documents.items():
         report.read += 1
-        text = document_text(chunks)
+        rebuilt = rebuild_document(chunks)
+        if rebuilt.inconsistent:
+            report.inconsistent += 1
+            if len(report.inconsistent_ids) < MAX_REPORTED_IDS:
+                report.inconsistent_ids.append(repr(event_id if len(event_id) <= 200 else event_id[:200] + "..."))
+            continue
+        text = rebuilt.text
         if text is None or not text.strip():
             report.skipped += 1
             continue
-        first = min(chunks, key=lambda p: int(p.get("chunk_index", 0)))
-        metadata = first.get("metadata")
+        metadata = min(chunks, key=lambda p: p.get("chunk_index", 0)).get("metadata")
         events.append(InputEvent(id=event_id, text=text, metadata=metadata if isinstance(metadata, dict) else {}))
         if len(events) >= batch_size:
             yield events
@@ -160,7 +252,7 @@ async def reembed(
     embedder: Any = None,
 ) -> ReembedReport:
     """Embed the texts of a collection, or of a range of the input topic, into a new collection."""
-    from processors.sink import SinkConfigError
+    from processors.errors import SinkConfigError
 
     if (from_collection is None) == (from_topic is None):
         raise UserError("give exactly one source: --from-collection or --from-topic")
@@ -173,10 +265,11 @@ async def reembed(
         raise UserError(f"the target collection must differ from the source {from_collection!r} (--target-collection)")
     sink = _open_sink(settings, target, must_exist_path=from_collection is not None)
     loop = asyncio.get_running_loop()
-    from processors.pipeline import Pipeline
+    from streams.assembly import build_pipeline, close_all
 
     report = ReembedReport(source="", target=target, model=model, model_version=None)
     pipeline = None
+    owned_embedder = None
     try:
         source_sink = None
         total: int | None = None
@@ -190,14 +283,11 @@ async def reembed(
             report.source = f"topic {from_topic}"
         existing = await _vector_size(sink)
         if embedder is None:
-            embedder = await loop.run_in_executor(None, _load_embedder, model, settings.device)
+            embedder = owned_embedder = await loop.run_in_executor(None, _load_embedder, settings, model)
         if existing is not None and existing != embedder.dim:
             raise UserError(f"target collection {target!r} has vectors of size {existing}, model {model!r} gives {embedder.dim}")
         report.model_version = getattr(embedder, "version", None)
-        pipeline = Pipeline(
-            embedder=embedder, sink=sink, cache=None, store_text=settings.store_text,
-            long_text=settings.long_text, chunk_overlap_tokens=settings.chunk_overlap_tokens,
-        )
+        pipeline = build_pipeline(settings, embedder=embedder, sink=sink, cache=None)
         try:
             await pipeline.start()
         except SinkConfigError as exc:
@@ -240,7 +330,7 @@ async def reembed(
     finally:
         if pipeline is not None:
             await pipeline.close()
-        await sink.close()
+        await close_all([owned_embedder, sink])
 
 
 def _count(outcomes: Sequence[Any], report: ReembedReport, bar: Any) -> None:

@@ -58,7 +58,7 @@ async def search(
     settings: Settings, query: str, *, limit: int = 5, embedder: Any = None, mode: str = "dense", rrf_k: int | None = None
 ) -> list[Any]:
     """The `limit` nearest documents of the configured collection to `query` (see `MODES`; `rrf_k`: see `query_sink`)."""
-    from processors.sink import SinkConfigError
+    from processors.errors import SinkConfigError
     from processors.sparse import Bm25Encoder
 
     if not query.strip():
@@ -82,7 +82,7 @@ async def search(
         loop = asyncio.get_running_loop()
         if mode != "sparse":
             if embedder is None:
-                embedder = await loop.run_in_executor(None, _load_embedder, settings.model, settings.device)
+                embedder = await loop.run_in_executor(None, _load_embedder, settings)
             if size != embedder.dim:
                 raise UserError(
                     f"collection {sink.collection!r} has vectors of size {size}, model {settings.model!r} gives {embedder.dim}; "

@@ -1,0 +1,185 @@
+"""Hostile data at the store's edge: ids that name other chunks, poisoned cache values, refused writes.
+
+Each test here failed on a73af8e (the hardening issue's findings 1-3) and runs on every
+embedded engine (qdrant-client in memory and on disk, qdrant-edge) with a real redis-server
+where the cache is involved; the embedder is the no-I/O `WordEmbedder`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import numpy as np
+import pytest
+
+from fakes import DIM, WordEmbedder
+from processors.cache import RedisCache, encode_vector
+from processors.embedder import Embeddings
+from processors.errors import SinkConfigError
+from processors.pipeline import Pipeline, PipelineHooks
+from processors.sink import Point
+from schemas import InputEvent, content_hash, legacy_point_id, point_id
+from test_edge_sink import KINDS, make
+
+pytestmark = pytest.mark.parametrize("kind", KINDS)
+
+LONG = " ".join(f"word{i}" for i in range(12))  # 3 chunks at max_tokens 6 (4 words a chunk, 1 of overlap)
+
+
+def upsert(doc_id: str, text: str) -> InputEvent:
+    return InputEvent(id=doc_id, text=text)
+
+
+def delete(doc_id: str) -> InputEvent:
+    return InputEvent(id=doc_id, text="", op="delete")
+
+
+async def stored_ids(sink) -> dict[str, list[int]]:
+    """Each document's stored chunk indices."""
+    found: dict[str, list[int]] = {}
+    for p in await sink.points(with_vectors=False):
+        found.setdefault(p.payload["id"], []).append(p.payload["chunk_index"])
+    return {k: sorted(v) for k, v in found.items()}
+
+
+class HostileEmbedder(WordEmbedder):
+    """Word vectors, except a NaN vector for texts with OVERFLOW and a vector of the wrong size for WRONGDIM."""
+
+    def embed(self, texts, token_counts=None) -> Embeddings:
+        base = super().embed([t.replace("OVERFLOW", "x").replace("WRONGDIM", "x") for t in texts], token_counts)
+        vectors = base.vectors.copy()
+        for i, text in enumerate(texts):
+            if "OVERFLOW" in text:
+                vectors[i] = np.nan
+        if any("WRONGDIM" in t for t in texts):
+            # A model whose output the store refuses for one input: the store is the judge here.
+            return _WrongSize(vectors, [i for i, t in enumerate(texts) if "WRONGDIM" in t], base.truncated)
+        return Embeddings(vectors, base.truncated)
+
+
+def _WrongSize(vectors, wrong, truncated) -> Embeddings:
+    """Rows as a list: the WRONGDIM ones have DIM + 3 values (unit norm), which every engine refuses."""
+    rows = [v if i not in wrong else np.full(DIM + 3, 1 / np.sqrt(DIM + 3), dtype=np.float32) for i, v in enumerate(vectors)]
+    return Embeddings(rows, truncated)  # type: ignore[arg-type]
+
+
+async def test_an_id_with_a_hash_never_names_another_documents_chunk(kind, tmp_path):
+    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
+    pipeline = Pipeline(embedder=WordEmbedder(max_tokens=6), sink=sink)
+    await pipeline.start()
+    try:
+        await pipeline.process([upsert("a#1", "alone")])
+        await pipeline.process([upsert("a", LONG)])
+        chunks = len((await stored_ids(sink))["a"])
+        assert chunks >= 3
+        assert await stored_ids(sink) == {"a#1": [0], "a": list(range(chunks))}
+        await pipeline.process([delete("a#1")])
+        assert await stored_ids(sink) == {"a": list(range(chunks))}
+        await pipeline.process([upsert("b", LONG)])
+        await pipeline.process([upsert("b#2", "second")])
+        assert await stored_ids(sink) == {"a": list(range(chunks)), "b": list(range(chunks)), "b#2": [0]}
+    finally:
+        await pipeline.close()
+        await sink.close()
+
+
+async def test_a_collection_with_the_old_chunk_ids_is_refused_naming_reembed(kind, tmp_path):
+    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
+    try:
+        await sink.ensure_collection(DIM)
+        vector = np.eye(DIM, dtype=np.float32)[0]
+        await sink.upsert([
+            Point(id=point_id("a"), vector=vector, payload={"id": "a", "chunk_index": 0, "chunk_count": 2}),
+            Point(id=legacy_point_id("a", 1), vector=vector, payload={"id": "a", "chunk_index": 1, "chunk_count": 2}),
+        ])
+        with pytest.raises(SinkConfigError, match="reembed"):
+            await sink.ensure_collection(DIM)
+    finally:
+        await sink.close()
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf", "not_unit", "garbage_of_the_right_size"])
+async def test_a_poisoned_cache_value_is_a_miss_and_embedded_again(kind, tmp_path, services, poison):
+    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
+    cache = RedisCache(url=services.redis_url, prefix=f"test:{uuid.uuid4().hex}:")
+    refused: list[int] = []
+    embedder = WordEmbedder()
+    pipeline = Pipeline(embedder=embedder, sink=sink, cache=cache, hooks=PipelineHooks(on_cache_invalid=refused.append))
+    text = "a text someone poisoned"
+    values = {
+        "nan": np.full(DIM, np.nan, dtype=np.float32),
+        "inf": np.full(DIM, np.inf, dtype=np.float32),
+        "not_unit": np.full(DIM, 3.0, dtype=np.float32),
+        "garbage_of_the_right_size": np.frombuffer(b"\xff" * (4 * DIM), dtype=np.float32),
+    }
+    await cache.set_many([(content_hash(embedder.name, text), values[poison])])
+    await pipeline.start()
+    try:
+        (outcome,) = await asyncio.wait_for(pipeline.process([upsert("p", text)]), timeout=20)
+        assert outcome.result is not None and outcome.result.cached is False
+        (point,) = await sink.points()
+        assert np.isfinite(point.vector).all() and abs(float(np.linalg.norm(point.vector)) - 1) < 1e-3
+        assert refused == [1]
+        (healed,) = await cache.get_many([content_hash(embedder.name, text)], DIM)
+        assert healed is not None and np.isfinite(healed).all()  # the fill replaced the poison
+    finally:
+        await pipeline.close()
+        await cache.close()
+        await sink.close()
+
+
+async def test_a_non_finite_model_output_is_that_texts_dead_letter(kind, tmp_path):
+    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
+    pipeline = Pipeline(embedder=HostileEmbedder(), sink=sink, embed_retry_seconds=0.05)
+    await pipeline.start()
+    try:
+        outcomes = await asyncio.wait_for(
+            pipeline.process([upsert("ok-1", "fine text"), upsert("bad", "an OVERFLOW here"), upsert("ok-2", "also fine")]), timeout=20
+        )
+        assert [o.error_kind for o in outcomes] == [None, "embed_failed", None]
+        assert "non-finite" in (outcomes[1].error_message or "")
+        assert sorted(await stored_ids(sink)) == ["ok-1", "ok-2"]
+    finally:
+        await pipeline.close()
+        await sink.close()
+
+
+async def test_a_document_the_store_refuses_is_its_dead_letter_and_the_rest_are_written(kind, tmp_path):
+    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
+    rejected: list[int] = []
+    pipeline = Pipeline(embedder=HostileEmbedder(), sink=sink, hooks=PipelineHooks(on_store_rejected=rejected.append))
+    await pipeline.start()
+    try:
+        events = [upsert(f"ok-{i}", f"fine text {i}") for i in range(5)]
+        events.insert(2, upsert("bad", "WRONGDIM text"))
+        outcomes = await asyncio.wait_for(pipeline.process(events), timeout=20)
+        kinds = {o.event.id: o.error_kind for o in outcomes}
+        assert kinds.pop("bad") == "store_rejected"
+        assert set(kinds.values()) == {None}
+        assert sorted(await stored_ids(sink)) == sorted(f"ok-{i}" for i in range(5))
+        assert rejected == [1]
+    finally:
+        await pipeline.close()
+        await sink.close()
+
+
+async def test_a_store_that_refuses_every_document_is_an_outage_not_dead_letters(kind, tmp_path):
+    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
+    states: list[bool] = []
+    pipeline = Pipeline(embedder=HostileEmbedder(), sink=sink, hooks=PipelineHooks(on_sink_state=states.append))
+    await pipeline.start()
+    try:
+        task = asyncio.create_task(pipeline.process([upsert(f"bad-{i}", f"WRONGDIM {i}") for i in range(3)]))
+        deadline = asyncio.get_running_loop().time() + 10
+        while False not in states:
+            assert asyncio.get_running_loop().time() < deadline, "the refusal was not reported as an outage"
+            assert not task.done(), task.result()
+            await asyncio.sleep(0.01)
+        assert not task.done()  # held and retried, nothing dead-lettered
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await pipeline.close()
+        await sink.close()
