@@ -47,8 +47,8 @@ import numpy as np
 
 from processors.threaded import ThreadedStore
 from processors.sink import (
-    INDEX_KINDS, LEGACY_ID_SAMPLE, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredPoint, check_id_scheme,
-    check_sparse_config, engine_vectors, replace_chunks, split_vector,
+    INDEX_KINDS, LEGACY_ID_SAMPLE, PAYLOAD_INDEXES, VERSION_FIELD, VERSION_SOURCE_FIELD, DocumentWrite, Hit, Point, SinkConfigError,
+    StoredHead, StoredPoint, check_id_scheme, check_sparse_config, engine_vectors, replace_chunks, split_vector, stored_head,
 )
 from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder
 from schemas import point_id
@@ -249,38 +249,58 @@ class EdgeSink(ThreadedStore):
 
         return [qe.Point(p.id, vector, p.payload) for p, vector in zip(points, engine_vectors(points, self._bm25, qe.SparseVector))]
 
-    async def write(self, writes: Sequence[DocumentWrite]) -> None:
+    async def write(self, writes: Sequence[DocumentWrite]) -> int:
         if not writes:
-            return
+            return 0
 
-        def write() -> None:
-            replace_chunks(self, writes)
+        def write() -> int:
+            skipped = replace_chunks(self, writes)
             self._maybe_flush(self._open())
+            return skipped
 
-        await self._call(write)
+        return await self._call(write)
 
     # ---- ChunkEngine primitives (on the executor thread) -------------------------------------
 
-    def stored_chunk_counts(self, doc_ids: Sequence[str]) -> dict[str, int]:
+    def stored_heads(self, doc_ids: Sequence[str]) -> dict[str, StoredHead]:
         by_point = {point_id(d): d for d in doc_ids}
         stored = self._open().retrieve(list(by_point), with_payload=True, with_vector=False)
-        return {by_point[str(r.id)]: int((r.payload or {}).get("chunk_count", 1)) for r in stored if str(r.id) in by_point}
+        return {by_point[str(r.id)]: stored_head(r.payload or {}) for r in stored if str(r.id) in by_point}
+
+    @staticmethod
+    def _guard(w: DocumentWrite) -> list[Any]:
+        """Conditions a stored chunk of `w.doc_id` must meet to be replaced by `w` (its id, and not newer)."""
+        import qdrant_edge as qe
+
+        same_id = qe.FieldCondition(key="id", match=qe.MatchValue(w.doc_id))
+        if w.version is None:
+            return [same_id]
+        not_newer = qe.Filter(should=[
+            qe.Filter(must_not=[qe.FieldCondition(key=VERSION_SOURCE_FIELD, match=qe.MatchValue(w.version.source))]),
+            qe.FieldCondition(key=VERSION_FIELD, range=qe.RangeFloat(lte=w.version.value)),
+            qe.IsEmptyCondition(key=VERSION_FIELD),
+        ])
+        return [same_id, not_newer]
 
     def delete_chunks(self, targets: Sequence[DocumentWrite]) -> None:
         import qdrant_edge as qe
 
         def clause(w: DocumentWrite) -> Any:
-            same_id = qe.FieldCondition(key="id", match=qe.MatchValue(w.doc_id))
             if not w.points:
-                return qe.Filter(must=[same_id])
-            return qe.Filter(must=[same_id, qe.FieldCondition(key="chunk_index", range=qe.RangeFloat(gte=len(w.points)))])
+                return qe.Filter(must=self._guard(w))
+            return qe.Filter(must=[*self._guard(w), qe.FieldCondition(key="chunk_index", range=qe.RangeFloat(gte=len(w.points)))])
 
         self._open().update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(should=[clause(w) for w in targets])))
 
-    def upsert_points(self, points: Sequence[Point]) -> None:
+    def upsert_points(self, points: Sequence[Point], writes: Sequence[DocumentWrite]) -> None:
         import qdrant_edge as qe
 
-        self._open().update(qe.UpdateOperation.upsert_points(self._structs(points)))  # checks the dimension itself
+        condition = None
+        if any(w.version is not None for w in writes):
+            # One request for the batch: each stored point meets only its own document's clause.
+            condition = qe.Filter(should=[qe.Filter(must=self._guard(w)) for w in writes])
+        # The engine checks the dimension itself.
+        self._open().update(qe.UpdateOperation.upsert_points(self._structs(points), condition=condition))
 
     def sample_chunks(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
         import qdrant_edge as qe

@@ -30,8 +30,8 @@ from processors.chunking import Chunk, plan_chunks
 from processors.embedder import Embedder
 from processors.errors import ModelRefusesEverything, StoreRejected
 from processors.ordering import Sequencer, Turn
-from processors.sink import DocumentWrite, Point, VectorSink
-from schemas import DeleteResult, InputEvent, ResultEvent, content_hash, normalize_text, point_id
+from processors.sink import DocumentWrite, Point, VectorSink, version_payload
+from schemas import DeleteResult, InputEvent, ResultEvent, Version, content_hash, normalize_text, point_id
 
 __all__ = ["Backoff", "LONG_TEXT_CHUNK", "LONG_TEXT_TRUNCATE", "Outcome", "Pipeline", "PipelineHooks"]
 
@@ -62,6 +62,8 @@ class PipelineHooks:
     on_cache_invalid: Callable[[int], None] = lambda values: None
     """Cached values refused (not finite, not of unit norm) and embedded again."""
     on_store_rejected: Callable[[int], None] = lambda documents: None
+    on_stale: Callable[[int], None] = lambda documents: None
+    """Writes skipped because the store held a newer version of the document (never an error)."""
     phase: Callable[[str], ContextManager[Any]] = lambda name: contextlib.nullcontext()
     """A context around each phase (cache.lookup, embed, cache.fill, store.write): tracing spans."""
 
@@ -114,7 +116,7 @@ class Pipeline:
         self.long_text = long_text
         self.chunk_overlap_tokens = chunk_overlap_tokens
         self.writes = Sequencer()
-        self._writing: asyncio.Future[None] | None = None
+        self._writing: asyncio.Future[int] | None = None
         self._store_accepted = False
         """Whether the store took a write since start: a lone refused document is then its own fault."""
         self._special_tokens = int(getattr(embedder, "special_tokens", 2))
@@ -248,18 +250,20 @@ class Pipeline:
         *,
         turn: Turn | None = None,
         live: Callable[[int], bool] | None = None,
+        versions: Sequence[Version | None] | None = None,
     ) -> list[Outcome]:
         """One outcome per event; the batch's writes land after those of every earlier turn.
 
         `turn`: taken at launch (`take_turn`); None takes one now. `live(i)`: whether event i
         may still be written (False once its partition is revoked); checked before each write
         attempt, so a fenced event is never written, and the caller must not publish for it.
+        `versions[i]`: event i's version for the store's guard (None: unconditional writes).
         """
         turn = turn if turn is not None else self.writes.take()
         try:
             prepared = await self._prepare(events)
             async with turn:
-                rejected = await self._write(events, prepared, live)
+                rejected = await self._write(events, prepared, live, versions)
         finally:
             turn.end()
         return self._outcomes(events, prepared, rejected)
@@ -376,7 +380,9 @@ class Pipeline:
         self.hooks.on_cache(len(from_cache - theirs.keys()), batch_hits, len(misses))
         return _Prepared(texts, chunks, truncated, unit_hashes, vectors, errors, from_cache)
 
-    def _document_writes(self, events: Sequence[InputEvent], p: "_Prepared") -> list[tuple[int, DocumentWrite]]:
+    def _document_writes(
+        self, events: Sequence[InputEvent], p: "_Prepared", versions: Sequence[Version | None] | None
+    ) -> list[tuple[int, DocumentWrite]]:
         """The batch's writes: for each id, its last event that can be applied (a delete or an embedded upsert)."""
         last_for_id: dict[str, int] = {}
         for index, event in enumerate(events):
@@ -385,19 +391,22 @@ class Pipeline:
         writes: list[tuple[int, DocumentWrite]] = []
         for index in last_for_id.values():
             event = events[index]
+            version = versions[index] if versions is not None else None
             if event.is_delete:
-                writes.append((index, DocumentWrite(doc_id=event.id, points=())))
+                writes.append((index, DocumentWrite(doc_id=event.id, points=(), version=version)))
                 continue
             chunks = p.chunks[index]
+            guard = version_payload(version)
             points = tuple(
-                self._point(event, j, len(chunks), chunk, digest, p.vectors[digest], p.truncated[index])
+                self._point(event, j, len(chunks), chunk, digest, p.vectors[digest], p.truncated[index], guard)
                 for j, (chunk, digest) in enumerate(zip(chunks, p.unit_hashes[index]))
             )
-            writes.append((index, DocumentWrite(doc_id=event.id, points=points)))
+            writes.append((index, DocumentWrite(doc_id=event.id, points=points, version=version)))
         return writes
 
     async def _write(
-        self, events: Sequence[InputEvent], p: "_Prepared", live: Callable[[int], bool] | None
+        self, events: Sequence[InputEvent], p: "_Prepared", live: Callable[[int], bool] | None,
+        versions: Sequence[Version | None] | None = None,
     ) -> dict[int, str]:
         """Apply the writes, retrying with backoff until they land; fenced events drop out before each try.
 
@@ -407,7 +416,7 @@ class Pipeline:
         document (a deleted collection, a wrong vector size for all), it is an outage: held and
         retried like any other store error, nothing dead-lettered.
         """
-        writes = self._document_writes(events, p)
+        writes = self._document_writes(events, p, versions)
         rejected: dict[int, str] = {}
         attempt = 0
         logged_refusal = False
@@ -456,8 +465,10 @@ class Pipeline:
         started = time.perf_counter()
         with self.hooks.phase("store.write"):
             self._writing = asyncio.ensure_future(self.sink.write([w for _, w in writes]))
-            await asyncio.shield(self._writing)
+            stale = await asyncio.shield(self._writing)
         self.hooks.on_upsert(sum(len(w.points) for _, w in writes), time.perf_counter() - started)
+        if stale:
+            self.hooks.on_stale(stale)
 
     async def _isolate_rejected(
         self, writes: Sequence[tuple[int, DocumentWrite]], live: Callable[[int], bool] | None
@@ -516,7 +527,8 @@ class Pipeline:
         return outcomes
 
     def _point(
-        self, event: InputEvent, index: int, count: int, chunk: Chunk, digest: str, vector: np.ndarray, was_truncated: bool
+        self, event: InputEvent, index: int, count: int, chunk: Chunk, digest: str, vector: np.ndarray, was_truncated: bool,
+        guard: dict[str, Any],
     ) -> Point:
         payload: dict[str, Any] = {
             "id": event.id,
@@ -528,6 +540,7 @@ class Pipeline:
             "content_hash": digest,
             "model": self.embedder.name,
             "truncated": was_truncated,
+            **guard,
         }
         if self._version:
             payload["model_version"] = self._version

@@ -24,7 +24,7 @@ import numpy as np
 from processors.errors import SinkConfigError, StoreRejected
 from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder, missing_sparse_message, sparse_from
 from processors.threaded import ThreadedStore
-from schemas import legacy_point_id, point_id
+from schemas import Version, legacy_point_id, point_id
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,39 @@ class Point:
 
 @dataclass(frozen=True, slots=True)
 class DocumentWrite:
-    """The new state of one document: its chunk points 0..n-1 replace all it had; no points deletes it."""
+    """The new state of one document: its chunk points 0..n-1 replace all it had; no points deletes it.
+
+    `version`: the event's place in its source's order; the write applies only where the stored
+    chunks are not newer in the same source (None: unconditional, as for tests and old callers).
+    """
 
     doc_id: str
     points: Sequence[Point] = ()
+    version: Version | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredHead:
+    """What chunk 0 of a stored document says: how many chunks it has and the version that wrote it."""
+
+    chunk_count: int
+    version: Version | None
+
+
+VERSION_FIELD = "version"
+VERSION_SOURCE_FIELD = "version_source"
+
+
+def stored_head(payload: dict[str, Any]) -> StoredHead:
+    value, source = payload.get(VERSION_FIELD), payload.get(VERSION_SOURCE_FIELD)
+    version = Version(source, value) if isinstance(value, int) and isinstance(source, str) else None
+    return StoredHead(int(payload.get("chunk_count", 1)), version)
+
+
+def is_stale(write: DocumentWrite, head: StoredHead | None) -> bool:
+    """Whether the stored document is newer than `write` in the same source (the write must not apply)."""
+    mine, theirs = write.version, head.version if head is not None else None
+    return mine is not None and theirs is not None and theirs.source == mine.source and theirs.value > mine.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,19 +163,26 @@ def check_sparse_config(collection: str, wanted: bool, stored_modifier: str | No
 
 
 class ChunkEngine(Protocol):
-    """The primitives of one engine the chunk-replacement write is built from (each runs on the store's thread)."""
+    """The primitives of one engine the chunk-replacement write is built from (each runs on the store's thread).
+
+    Each primitive given versioned writes applies the version guard itself, in the engine: a
+    delete or upsert touches a stored chunk only where it is not newer in the write's source
+    (or has no version), so a write that lost a race with a newer one cannot land over it.
+    """
 
     collection: str
 
-    def stored_chunk_counts(self, doc_ids: Sequence[str]) -> dict[str, int]:
-        """Each stored document's `chunk_count`, read from its chunk 0 (absent: not stored)."""
+    def stored_heads(self, doc_ids: Sequence[str]) -> dict[str, StoredHead]:
+        """Each stored document's chunk 0 (absent: not stored)."""
         ...
 
     def delete_chunks(self, targets: Sequence[DocumentWrite]) -> None:
         """Delete, for each target, its chunks from `len(target.points)` on (all of them for a delete), by payload filter."""
         ...
 
-    def upsert_points(self, points: Sequence[Point]) -> None: ...
+    def upsert_points(self, points: Sequence[Point], writes: Sequence[DocumentWrite]) -> None:
+        """Upsert the points of `writes`, each point only where the stored one is not newer (see above)."""
+        ...
 
     def sample_chunks(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
         """Up to `limit` (point id, payload) of stored chunks with `chunk_index` >= 1 (the id-scheme check)."""
@@ -157,8 +193,11 @@ class ChunkEngine(Protocol):
         ...
 
 
-def replace_chunks(engine: ChunkEngine, writes: Sequence[DocumentWrite]) -> None:
+def replace_chunks(engine: ChunkEngine, writes: Sequence[DocumentWrite]) -> int:
     """Apply document writes (at most one per id): upsert their chunks, remove every other chunk of those ids.
+
+    Returns how many writes were skipped as stale: the stored document is newer in the same
+    source (a replay, a zombie writer after a rebalance, a slow backfill). Their state stays.
 
     Chunk 0 names how many chunks a document has (an upper bound: surplus chunks go before new
     ones are written, so a crash in between leaves it right). Only a document that may hold more
@@ -169,22 +208,35 @@ def replace_chunks(engine: ChunkEngine, writes: Sequence[DocumentWrite]) -> None
     Raises `StoreRejected` for a write the engine refused on its merits (and for a non-finite
     vector, which qdrant-edge would store and never find); anything else is the engine's own error.
     """
-    points = [p for w in writes for p in w.points]
-    if points:
-        check_vectors(points)
     try:
-        counts = engine.stored_chunk_counts([w.doc_id for w in writes])
-        targets = [w for w in writes if not w.points or counts.get(w.doc_id, 0) > len(w.points)]
+        heads = engine.stored_heads([w.doc_id for w in writes])
+        fresh = [w for w in writes if not is_stale(w, heads.get(w.doc_id))]
+        points = [p for w in fresh for p in w.points]
+        if points:
+            check_vectors(points)
+        targets = [w for w in fresh if not w.points or _count(heads.get(w.doc_id)) > len(w.points)]
         if targets:  # never an empty filter: it would match every point
             engine.delete_chunks(targets)
         if points:
-            engine.upsert_points(points)
+            engine.upsert_points(points, [w for w in fresh if w.points])
     except StoreRejected:
         raise
     except Exception as exc:
         if engine.is_permanent(exc):
             raise StoreRejected(" ".join(f"{type(exc).__name__}: {exc}".split())[:500]) from exc
         raise
+    return len(writes) - len(fresh)
+
+
+def _count(head: StoredHead | None) -> int:
+    return head.chunk_count if head is not None else 0
+
+
+def version_payload(version: Version | None) -> dict[str, Any]:
+    """The payload fields a point carries for the guard (none for an unversioned write)."""
+    if version is None:
+        return {}
+    return {VERSION_FIELD: version.value, VERSION_SOURCE_FIELD: version.source}
 
 
 def check_vectors(points: Sequence[Point]) -> None:
@@ -232,8 +284,8 @@ class VectorSink(Protocol):
 
     async def upsert(self, points: Sequence[Point]) -> None: ...
 
-    async def write(self, writes: Sequence[DocumentWrite]) -> None:
-        """Apply document writes (at most one per id): upsert their chunks, remove every other chunk of those ids."""
+    async def write(self, writes: Sequence[DocumentWrite]) -> int:
+        """Apply document writes (at most one per id, see `replace_chunks`); returns how many were stale and skipped."""
         ...
 
     async def count(self) -> int: ...
@@ -390,33 +442,53 @@ class QdrantSink(ThreadedStore):
             return
         await self._call(lambda: self._client.upsert(self.collection, points=self._structs(points), wait=True))
 
-    async def write(self, writes: Sequence[DocumentWrite]) -> None:
-        if writes:
-            await self._call(replace_chunks, self, writes)
+    async def write(self, writes: Sequence[DocumentWrite]) -> int:
+        return await self._call(replace_chunks, self, writes) if writes else 0
 
     # ---- ChunkEngine primitives (on the sink thread) ----------------------------------------
 
-    def stored_chunk_counts(self, doc_ids: Sequence[str]) -> dict[str, int]:
-        stored = self._client.retrieve(self.collection, ids=[point_id(d) for d in doc_ids], with_payload=["id", "chunk_count"])
+    def stored_heads(self, doc_ids: Sequence[str]) -> dict[str, StoredHead]:
         by_point = {point_id(d): d for d in doc_ids}
-        return {by_point[str(r.id)]: int((r.payload or {}).get("chunk_count", 1)) for r in stored if str(r.id) in by_point}
+        stored = self._client.retrieve(
+            self.collection, ids=list(by_point), with_payload=["chunk_count", VERSION_FIELD, VERSION_SOURCE_FIELD]
+        )
+        return {by_point[str(r.id)]: stored_head(r.payload or {}) for r in stored if str(r.id) in by_point}
+
+    def _guard(self, w: DocumentWrite) -> list[Any]:
+        """Conditions a stored chunk of `w.doc_id` must meet to be replaced by `w` (its id, and not newer)."""
+        from qdrant_client import models
+
+        same_id = models.FieldCondition(key="id", match=models.MatchValue(value=w.doc_id))
+        if w.version is None:
+            return [same_id]
+        not_newer = models.Filter(should=[
+            models.Filter(must_not=[models.FieldCondition(key=VERSION_SOURCE_FIELD, match=models.MatchValue(value=w.version.source))]),
+            models.FieldCondition(key=VERSION_FIELD, range=models.Range(lte=w.version.value)),
+            models.IsEmptyCondition(is_empty=models.PayloadField(key=VERSION_FIELD)),
+        ])
+        return [same_id, not_newer]
 
     def delete_chunks(self, targets: Sequence[DocumentWrite]) -> None:
         from qdrant_client import models
 
         def clause(w: DocumentWrite) -> Any:
-            same_id = models.FieldCondition(key="id", match=models.MatchValue(value=w.doc_id))
             if not w.points:
-                return models.Filter(must=[same_id])
-            return models.Filter(must=[same_id, models.FieldCondition(key="chunk_index", range=models.Range(gte=len(w.points)))])
+                return models.Filter(must=self._guard(w))
+            return models.Filter(must=[*self._guard(w), models.FieldCondition(key="chunk_index", range=models.Range(gte=len(w.points)))])
 
         # The MatchAny prefilter narrows the scan of the local engine ~10x; a server uses its index.
         ids = models.FieldCondition(key="id", match=models.MatchAny(any=[w.doc_id for w in targets]))
         selector = models.FilterSelector(filter=models.Filter(must=[ids], should=[clause(w) for w in targets]))
         self._client.delete(self.collection, points_selector=selector, wait=True)
 
-    def upsert_points(self, points: Sequence[Point]) -> None:
-        self._client.upsert(self.collection, points=self._structs(points), wait=True)
+    def upsert_points(self, points: Sequence[Point], writes: Sequence[DocumentWrite]) -> None:
+        from qdrant_client import models
+
+        condition = None
+        if any(w.version is not None for w in writes):
+            # One request for the batch: each stored point meets only its own document's clause.
+            condition = models.Filter(should=[models.Filter(must=self._guard(w)) for w in writes])
+        self._client.upsert(self.collection, points=self._structs(points), wait=True, update_filter=condition)
 
     def sample_chunks(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
         from qdrant_client import models

@@ -66,6 +66,20 @@ class InputEvent:
         return self.op == OP_DELETE
 
 
+@dataclass(frozen=True, slots=True)
+class Version:
+    """An event's place in the order its document's writes must follow (the store's version guard).
+
+    `source` names the order: `topic/partition` when the version is the input's offset (an id's
+    events share a partition when key = id), `user` for a version the event carries. Versions of
+    different sources are never compared: a keyless producer spreads an id over partitions, and
+    there the last write wins, as without the guard.
+    """
+
+    source: str
+    value: int
+
+
 def _depth(value: Any, limit: int) -> int:
     """Nesting depth, stopping early once `limit` is exceeded."""
     stack: list[tuple[Any, int]] = [(value, 1)]

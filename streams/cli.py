@@ -78,7 +78,10 @@ def setup_logging(settings: Settings) -> None:
     if settings.log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        from streams.terminal import PrintableFormatter
+
+        # Log lines quote ids, texts and broker errors: no control sequence may reach a terminal.
+        handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
@@ -243,7 +246,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(line)
     models = {h.payload.get("model") for h in hits} - {None, settings.model}
     if models and mode != "sparse":  # a sparse query never goes through the model
-        print(f"embedworker: warning: these points were embedded with {', '.join(sorted(models))}, the query with {settings.model}", file=sys.stderr)
+        from streams.terminal import printable
+
+        names = printable(", ".join(sorted(map(str, models))))
+        print(f"embedworker: warning: these points were embedded with {names}, the query with {settings.model}", file=sys.stderr)
     return 0
 
 
@@ -579,7 +585,9 @@ def _report(message: str) -> None:
     if _json_logging():
         log.error(message)
     else:
-        print(f"embedworker: {message}", file=sys.stderr)
+        from streams.terminal import printable
+
+        print(f"embedworker: {printable(message)}", file=sys.stderr)  # errors quote servers' and producers' text
 
 
 if __name__ == "__main__":

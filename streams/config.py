@@ -191,6 +191,10 @@ OPTIONS: tuple[Option, ...] = (
            "Engine of the embedded path store: edge (qdrant-edge, one shard per collection) or local (qdrant-client, sqlite)"),
     Option("collection", "texts", _nonempty, "Qdrant collection"),
     Option("store_text", True, _bool, "Keep the text in the point payload"),
+    Option("version_guard", True, _bool,
+           "Store writes apply only where the stored document is not newer (by input offset within a partition): "
+           "a replay, a zombie writer after a rebalance or a slow backfill never goes back in time; off after a "
+           "topic is re-created (its offsets restart)"),
     Option("payload_indexes", "", _payload_indexes,
            "Extra payload indexes, field:kind,... (kinds: keyword, integer, float, bool, datetime, text, uuid); id and chunk_index always"),
     Option("sparse", "off", _choice("off", "bm25"),
@@ -280,6 +284,7 @@ class Settings:
     qdrant_engine: str
     collection: str
     store_text: bool
+    version_guard: bool
     payload_indexes: str
     sparse: str
     long_text: str

@@ -66,6 +66,11 @@ class Metrics:
         self.store_rejected = Counter(
             "embedworker_store_rejected_total", "Documents the store refused on their merits (dead-lettered as store_rejected)", registry=r
         )
+        self.stale_writes_skipped = Counter(
+            "embedworker_stale_writes_skipped_total",
+            "Document writes skipped because the store held a newer version (a replay, a zombie writer, a slow backfill)",
+            registry=r,
+        )
         self.cache_invalid = Counter(
             "embedworker_cache_invalid_total", "Cached values refused (not finite or not of unit norm) and embedded again", registry=r
         )

@@ -19,7 +19,7 @@ from processors.embedder import Embeddings
 from processors.errors import SinkConfigError
 from processors.pipeline import Pipeline, PipelineHooks
 from processors.sink import Point
-from schemas import InputEvent, content_hash, legacy_point_id, point_id
+from schemas import InputEvent, Version, content_hash, legacy_point_id, point_id
 from test_edge_sink import KINDS, make
 
 pytestmark = pytest.mark.parametrize("kind", KINDS)
@@ -182,4 +182,87 @@ async def test_a_store_that_refuses_every_document_is_an_outage_not_dead_letters
             await task
     finally:
         await pipeline.close()
+        await sink.close()
+
+
+# ---- writes that cannot go backwards (the version guard) ----------------------------------------
+
+
+def v(value: int, source: str = "in/0") -> Version:
+    return Version(source, value)
+
+
+async def stored_state(sink) -> dict[str, tuple[int, int | None, str]]:
+    """Each document as (chunks, version, text of chunk 0)."""
+    state: dict[str, tuple[int, int | None, str]] = {}
+    for p in await sink.points(with_vectors=False):
+        if p.payload["chunk_index"] == 0:
+            state[p.payload["id"]] = (p.payload["chunk_count"], p.payload.get("version"), p.payload["text"])
+    return state
+
+
+async def test_an_older_write_never_lands_over_a_newer_one(kind, tmp_path):
+    """Two writers on one store (a rebalance's old and new owner): the old owner's late writes are skipped."""
+    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
+    stale: list[int] = []
+    new_owner = Pipeline(embedder=WordEmbedder(max_tokens=6), sink=sink)
+    old_owner = Pipeline(embedder=WordEmbedder(max_tokens=6), sink=sink, hooks=PipelineHooks(on_stale=stale.append))
+    await new_owner.start()
+    try:
+        await new_owner.process([upsert("x", LONG), upsert("y", "y two"), upsert("z", "z two")], versions=[v(10), v(11), v(12)])
+        chunks = (await stored_state(sink))["x"][0]
+        outcomes = await old_owner.process(
+            [upsert("x", "x one"), delete("y"), upsert("z", "z one")], versions=[v(5), v(6), v(7)]
+        )
+        assert all(o.result is not None for o in outcomes)  # skipped, never an error
+        state = await stored_state(sink)
+        assert state["x"][:2] == (chunks, 10)
+        assert (state["y"], state["z"]) == ((1, 11, "y two"), (1, 12, "z two"))
+        assert sum(stale) == 3
+        # A replay of the same offsets converges (equal versions apply), a later one wins.
+        await old_owner.process([upsert("y", "y two")], versions=[v(11)])
+        await old_owner.process([upsert("y", "y three"), delete("z")], versions=[v(20), v(21)])
+        state = await stored_state(sink)
+        assert sorted(state) == ["x", "y"] and state["y"] == (1, 20, "y three")
+    finally:
+        await new_owner.close()
+        await old_owner.close()
+        await sink.close()
+
+
+async def test_versions_of_different_partitions_are_not_compared(kind, tmp_path):
+    """A keyless producer spreads an id over partitions: there the last write wins, as without the guard."""
+    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
+    pipeline = Pipeline(embedder=WordEmbedder(), sink=sink)
+    await pipeline.start()
+    try:
+        await pipeline.process([upsert("k", "from partition zero")], versions=[v(100, "in/0")])
+        await pipeline.process([upsert("k", "from partition one")], versions=[v(3, "in/1")])
+        assert (await stored_state(sink))["k"] == (1, 3, "from partition one")
+        await pipeline.process([upsert("legacy", "unversioned")])
+        await pipeline.process([upsert("legacy", "versioned now")], versions=[v(1)])
+        assert (await stored_state(sink))["legacy"] == (1, 1, "versioned now")
+    finally:
+        await pipeline.close()
+        await sink.close()
+
+
+async def test_the_engine_itself_refuses_an_older_upsert(kind, tmp_path):
+    """The guard is in the engine's conditional write too, not only in the read before it (a race between writers)."""
+    from processors.sink import DocumentWrite, version_payload
+
+    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
+    try:
+        await sink.ensure_collection(DIM)
+        vector = np.eye(DIM, dtype=np.float32)[0]
+
+        def write(value: int, text: str) -> DocumentWrite:
+            payload = {"id": "r", "chunk_index": 0, "chunk_count": 1, "text": text, **version_payload(v(value))}
+            return DocumentWrite("r", (Point(id=point_id("r"), vector=vector, payload=payload),), v(value))
+
+        newer, older = write(9, "newer"), write(4, "older")
+        await sink.write([newer])
+        await sink._call(sink.upsert_points, older.points, [older])  # past the read: only the engine's condition stands
+        assert (await stored_state(sink))["r"] == (1, 9, "newer")
+    finally:
         await sink.close()

@@ -22,6 +22,7 @@ from streams.config import Settings
 from streams.commands.common import (
     DEFAULT_TIMEOUT_SECONDS, UserError, _high_watermarks, _one_line, _reader, _start_client, _stop_quietly, _topic_partitions,
 )
+from streams.terminal import printable
 
 DEFAULT_MAX_REPLAYS = 3
 MAX_REPORTED = 20
@@ -59,7 +60,8 @@ class ReplayReport:
     filtered_out: int = 0
     stopped_at_limit: bool = False
     refused: list[str] = field(default_factory=list)
-    """The first `MAX_REPORTED` dead letters not replayed for a reason of their own (no payloads)."""
+    """The first `MAX_REPORTED` dead letters not replayed for a reason of their own (no payloads),
+    escaped for a terminal: their source topic and error type come from the dead letter itself."""
 
     def summary(self) -> str:
         verb = "would replay" if self.dry_run else "replayed"
@@ -67,12 +69,12 @@ class ReplayReport:
             f"{verb} {self.replayed} dead letters from {self.dlq_topic} to {self.input_topic}; "
             f"skipped past limit {self.past_limit}, not replayable {self.not_replayable}, filtered out {self.filtered_out}"
         )
-        return line + (" (stopped at --limit)" if self.stopped_at_limit else "")
+        return printable(line + (" (stopped at --limit)" if self.stopped_at_limit else ""))
 
 
 def _refuse(report: ReplayReport, where: str, why: str) -> None:
     if len(report.refused) < MAX_REPORTED:
-        report.refused.append(f"{where}: {why}")
+        report.refused.append(printable(f"{where}: {why}"))
 
 
 async def replay_dead_letters(

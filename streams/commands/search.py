@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from streams.config import Settings
 from streams.commands.common import UserError, _load_embedder, _open_sink, _vector_size
+from streams.terminal import printable
 
 MODES = ("dense", "sparse", "hybrid")
 OVERSAMPLE = 4
@@ -94,12 +95,12 @@ async def search(
 
 
 def format_hits(hits: Sequence[Any], *, width: int = 80) -> list[str]:
+    """One line per hit: score, id (chunk), text cut to `width`; ids and texts come from
+    producers, so both are escaped (`streams.terminal`)."""
     lines = []
     for hit in hits:
-        text = " ".join(str(hit.payload.get("text", "")).split())
-        if len(text) > width:
-            text = text[: width - 3] + "..."
+        text = printable(" ".join(str(hit.payload.get("text", "")).split()), limit=width)
         count = hit.payload.get("chunk_count", 1)
         where = f" [chunk {int(hit.payload.get('chunk_index', 0)) + 1}/{count}]" if isinstance(count, int) and count > 1 else ""
-        lines.append(f"{hit.score:.4f}  {hit.payload.get('id', hit.id)}{where}  {text}")
+        lines.append(f"{hit.score:.4f}  {printable(str(hit.payload.get('id', hit.id)))}{where}  {text}")
     return lines

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 
 from streams.config import Settings
 from streams.commands.common import DEFAULT_TIMEOUT_SECONDS, UserError, _high_watermarks, _one_line, _reader, _start_client, _stop_quietly, _topic_partitions
+from streams.terminal import printable
 
 
 
@@ -175,7 +176,8 @@ async def status(
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: set[int]) -> list[str]:
-    cells = [list(headers)] + [["-" if c is None else str(c) for c in row] for row in rows]
+    # Escaped before measuring: the columns line up on what the terminal shows.
+    cells = [list(headers)] + [["-" if c is None else printable(str(c)) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return [
         "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row)).rstrip()
@@ -184,7 +186,9 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: set[int
 
 
 def format_status(report: dict[str, Any]) -> list[str]:
-    lines = [f"topic {report['topic']}  group {report['group']}"]
+    """The report as lines for a terminal: every name, URL, pause reason and error escaped
+    (`streams.terminal`), since they come from settings, the broker and metrics endpoints."""
+    lines = [f"topic {printable(str(report['topic']))}  group {printable(str(report['group']))}"]
     workers = report["workers"]
     by_url = {w["url"]: w for w in workers}
     owned = any(p["owner"] for p in report["partitions"])

@@ -15,6 +15,7 @@ import uuid
 from typing import Callable
 
 from processors.pipeline import Pipeline
+from schemas import Version
 from streams.steps import Fetched, MessageRejected
 from streams.steps.publish import Publish
 from streams.tracing import Tracing
@@ -35,8 +36,10 @@ class EmbedAndStore:
         on_batch: Callable[[list[Fetched]], None] = lambda batch: None,
         on_batch_done: Callable[[list[Fetched], float], None] = lambda batch, seconds: None,
         tracing: Tracing | None = None,
+        versioned: bool = True,
     ) -> None:
         self.pipeline = pipeline
+        self.versioned = versioned
         self.publish = publish
         self.live = live
         self.depth = depth
@@ -76,6 +79,7 @@ class EmbedAndStore:
                     [item.event for item in batch],  # type: ignore[misc]
                     turn=write_turn,
                     live=lambda index: self.live(batch[index]),
+                    versions=[Version(f"{i.tp.topic}/{i.tp.partition}", i.offset) for i in batch] if self.versioned else None,
                 )
             finally:
                 write_turn.end()
