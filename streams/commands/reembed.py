@@ -97,11 +97,15 @@ def rebuild_document(chunks: Sequence[dict[str, Any]]) -> Rebuilt:
     missing = sorted(set(range(n)) - set(indexed))
     if missing or len(indexed) != n:
         stray = sorted(set(indexed) - set(range(n)))
-        return Rebuilt(None, f"chunk {missing[0]} of {n} missing" if missing else f"chunk {stray[0]} beyond chunk_count {n}", True)
+        why = f"chunk {missing[0]} of {n} missing" if missing else f"chunk {stray[0]} beyond chunk_count {n}"
+        return Rebuilt(None, why, True)
     ordered = [indexed[i] for i in range(n)]
     metadata = ordered[0].get("metadata")
     if any(p.get("metadata") != metadata for p in ordered[1:]):
         return Rebuilt(None, "chunks carry different metadata", True)
+    versions = {(p.get("version_source"), p.get("version")) for p in ordered}
+    if len(versions) > 1:  # every chunk of one write carries that write's version
+        return Rebuilt(None, "chunks carry different versions", True)
     if n == 1:
         text = ordered[0].get("text")
         return Rebuilt(text if isinstance(text, str) else None)
@@ -111,7 +115,8 @@ def rebuild_document(chunks: Sequence[dict[str, Any]]) -> Rebuilt:
     for i, payload in enumerate(ordered):
         start, end, text = _int(payload.get("chunk_start")), _int(payload.get("chunk_end")), payload["text"]
         if start is None or end is None or end - start != len(text):
-            return Rebuilt(None, f"chunk {i}: span {payload.get('chunk_start')!r}-{payload.get('chunk_end')!r} is not its text's", True)
+            span = f"{payload.get('chunk_start')!r}-{payload.get('chunk_end')!r}"
+            return Rebuilt(None, f"chunk {i}: span {span} is not its text's ({len(text)} characters)", True)
         spans.append((start, end, text))
     if spans[0][0] != 0:
         return Rebuilt(None, f"chunk 0 starts at {spans[0][0]}", True)
@@ -134,12 +139,16 @@ def document_text(chunks: Sequence[dict[str, Any]]) -> str | None:
 
 
 async def _collection_batches(source: Any, batch_size: int, report: ReembedReport) -> AsyncIterator[list[Any]]:
-    """The source's documents (chunks put back together), `batch_size` at a time.
+    """The source's documents (chunks put back together) with their stored versions, `batch_size` at a time.
+
+    The version is copied: a copy is exactly as new as what it copies, so a dual write or the
+    worker's own later write of the same document is never overwritten by it.
 
     `points()` reads every scroll page before anything is grouped, so a document's chunks are
     put together wherever the pages cut. A document whose chunks are no one version (written
     while this ran) is skipped and counted in `report.inconsistent`: its text never existed.
     """
+    from processors.sink import stored_head
     from schemas import InputEvent
 
     documents: dict[str, list[dict[str, Any]]] = {}
@@ -163,8 +172,10 @@ async def _collection_batches(source: Any, batch_size: int, report: ReembedRepor
         if text is None or not text.strip():
             report.skipped += 1
             continue
-        metadata = min(chunks, key=lambda p: p.get("chunk_index", 0)).get("metadata")
-        events.append(InputEvent(id=event_id, text=text, metadata=metadata if isinstance(metadata, dict) else {}))
+        head = min(chunks, key=lambda p: p.get("chunk_index", 0))
+        metadata = head.get("metadata")
+        event = InputEvent(id=event_id, text=text, metadata=metadata if isinstance(metadata, dict) else {})
+        events.append((event, stored_head(head).version))
         if len(events) >= batch_size:
             yield events
             events = []
@@ -176,10 +187,11 @@ async def _topic_batches(
     settings: Settings, topic: str, *, start: int | None, end: int | None, partitions: Sequence[int] | None,
     batch_size: int, timeout: float, report: ReembedReport, ranges: dict[int, tuple[int, int]],
 ) -> AsyncIterator[list[Any]]:
-    """Decoded events of [start, end) of each partition (end: the high watermark at start-up)."""
+    """Decoded events of [start, end) of each partition (end: the high watermark at start-up), each with
+    the version the worker gives it (its offset in its partition), so the copy and the live stream agree."""
     from aiokafka.errors import KafkaError
 
-    from schemas import InvalidEvent, Limits, decode_input
+    from schemas import InvalidEvent, Limits, Version, decode_input
 
     reader = _reader(settings, timeout, max_partition_fetch_bytes=max(1_048_576, settings.max_message_bytes + 1024))
     await _start_client(reader, settings, timeout)
@@ -222,7 +234,8 @@ async def _topic_batches(
                         break
                     report.read += 1
                     try:
-                        events.append(decode_input(message.value, limits, key=message.key))
+                        event = decode_input(message.value, limits, key=message.key)
+                        events.append((event, Version(f"{tp.topic}/{tp.partition}", message.offset)))
                     except InvalidEvent:
                         report.skipped += 1
                 if tp in todo and await reader.position(tp) >= stop:
@@ -316,7 +329,8 @@ async def reembed(
                     for task in finished:
                         _count(task.result(), report, bar)
                 # The turn is taken here, in read order: a later version of an id lands last.
-                in_flight.add(asyncio.create_task(pipeline.process(events, turn=pipeline.take_turn())))
+                documents, versions = [e for e, _ in events], [v for _, v in events]
+                in_flight.add(asyncio.create_task(pipeline.process(documents, turn=pipeline.take_turn(), versions=versions)))
             for task in asyncio.as_completed(list(in_flight)):
                 _count(await task, report, bar)
             in_flight.clear()
