@@ -165,6 +165,7 @@ class Worker:
             on_model_error=m.model_errors.inc,
             on_cache_invalid=m.cache_invalid.inc,
             on_store_rejected=m.store_rejected.inc,
+            on_stale=m.stale_writes_skipped.inc,
             phase=self.tracing.phase,
         )
         self._epochs: dict[TopicPartition, int] = {}
@@ -221,7 +222,7 @@ class Worker:
         self.embed_store = EmbedAndStore(
             pipeline=self.pipeline, publish=self.publish, live=self.live, depth=depth, on_error=self._fail,
             on_slot_free=lambda: self.batch.poll(), on_batch=self._count_batch, on_batch_done=self._batch_done,
-            tracing=self.tracing,
+            tracing=self.tracing, versioned=settings.version_guard,
         )
         self.batch = Batch(batcher=self.batcher, next_step=self.embed_store)
         self.decode = Decode(
@@ -632,8 +633,11 @@ class Worker:
             self.finish.release(item)
         wait = self.settings.shutdown_timeout_seconds / 2
         deadline = time.monotonic() + wait
-        await self.embed_store.join(deadline)
-        await self.dead_letters.join(deadline)
+        # A quarter of the budget is kept for the store write already sent when the batches give up:
+        # it must end before the new owner writes (the version guard covers one that still lands late).
+        batches_deadline = deadline - wait / 4
+        await self.embed_store.join(batches_deadline)
+        await self.dead_letters.join(batches_deadline)
         try:
             async with asyncio.timeout(max(0.5, deadline - time.monotonic())):
                 await self.commit(revoked)
@@ -644,7 +648,8 @@ class Worker:
         # One deadline for all of it: the handler must return within the rebalance timeout.
         if not await self.pipeline.settle(timeout=max(0.5, deadline - time.monotonic())):
             log.error(
-                "a store write of revoked partitions is still running after %.1fs; it may land after the new owner's",
+                "a store write of revoked partitions is still running after %.1fs; if it lands after the new owner's, "
+                "the version guard skips what is older (EMBEDWORKER_VERSION_GUARD)",
                 wait,
             )
         self.tracker.forget(revoked)
