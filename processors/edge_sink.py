@@ -48,7 +48,7 @@ import numpy as np
 from processors.threaded import ThreadedStore
 from processors.sink import (
     INDEX_KINDS, LEGACY_ID_SAMPLE, PAYLOAD_INDEXES, VERSION_FIELD, VERSION_SOURCE_FIELD, DocumentWrite, Hit, Point, SinkConfigError,
-    StoredHead, StoredPoint, check_id_scheme, check_sparse_config, engine_vectors, replace_chunks, split_vector, stored_head,
+    MODEL_SAMPLE, StoredHead, StoredPoint, check_id_scheme, check_model, check_sparse_config, engine_vectors, replace_chunks, split_vector, stored_head,
 )
 from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder
 from schemas import point_id
@@ -202,7 +202,7 @@ class EdgeSink(ThreadedStore):
 
         return await self._call(size)
 
-    async def ensure_collection(self, dim: int) -> None:
+    async def ensure_collection(self, dim: int, *, model: str | None = None, model_version: str | None = None) -> None:
         import qdrant_edge as qe
 
         def ensure() -> None:
@@ -220,6 +220,7 @@ class EdgeSink(ThreadedStore):
             shard = self._open(create_dim=dim)
             if size is not None:
                 check_id_scheme(self.collection, self.sample_chunks(LEGACY_ID_SAMPLE))
+                check_model(self.collection, self.sample_chunks(MODEL_SAMPLE, from_index=0), model, model_version)
             # Idempotent (a no-op when present); deletes and chunk replacement filter on these.
             kinds = {kind: getattr(qe.PayloadSchemaType, kind.capitalize()) for kind in INDEX_KINDS}
             known = shard.info().payload_schema or {}
@@ -302,10 +303,10 @@ class EdgeSink(ThreadedStore):
         # The engine checks the dimension itself.
         self._open().update(qe.UpdateOperation.upsert_points(self._structs(points), condition=condition))
 
-    def sample_chunks(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
+    def sample_chunks(self, limit: int, *, from_index: int = 1) -> list[tuple[str, dict[str, Any]]]:
         import qdrant_edge as qe
 
-        later = qe.Filter(must=[qe.FieldCondition(key="chunk_index", range=qe.RangeFloat(gte=1))])
+        later = qe.Filter(must=[qe.FieldCondition(key="chunk_index", range=qe.RangeFloat(gte=from_index))])
         records, _ = self._open().scroll(qe.ScrollRequest(limit=limit, filter=later, with_payload=True, with_vector=False))
         return [(str(r.id), dict(r.payload or {})) for r in records]
 

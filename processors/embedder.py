@@ -35,10 +35,18 @@ class Embeddings:
 
 
 class Embedder(Protocol):
+    """What the pipeline reads of a model: its identity, its limits and its tokenizer."""
+
     name: str
     dim: int
     device: str
     max_tokens: int
+    version: str | None
+    """A fingerprint of the weights (None: unknown); part of cache keys and checked against the collection."""
+    special_tokens: int
+    """Tokens the model adds around every text ([CLS], [SEP]); chunks leave room for them."""
+    max_tokens_per_char: float | None
+    """An upper bound of tokens per character (1 for WordPiece), so short texts skip tokenization; None: none known."""
 
     def embed(self, texts: Sequence[str], token_counts: Sequence[int] | None = None) -> Embeddings: ...
 

@@ -119,13 +119,13 @@ class Pipeline:
         self._writing: asyncio.Future[int] | None = None
         self._store_accepted = False
         """Whether the store took a write since start: a lone refused document is then its own fault."""
-        self._special_tokens = int(getattr(embedder, "special_tokens", 2))
+        self._special_tokens = int(embedder.special_tokens)
         # Keyed by the weights, not only the name: new weights under the same name miss.
-        self._version = getattr(embedder, "version", None)
+        self._version = embedder.version
         self._cache_model = f"{embedder.name}@{self._version}" if self._version else embedder.name
 
     async def start(self) -> None:
-        await self.sink.ensure_collection(self.embedder.dim)
+        await self.sink.ensure_collection(self.embedder.dim, model=self.embedder.name, model_version=self._version)
 
     async def close(self) -> None:
         """Release the model thread; the cache and sink belong to whoever built them."""
@@ -281,7 +281,7 @@ class Pipeline:
         limit = self.embedder.max_tokens - self._special_tokens
         chunks = {i: [Chunk(text=t, start=0, end=len(t), tokens=-1)] for i, t in texts.items()}
         truncated = dict.fromkeys(texts, False)
-        per_char = getattr(self.embedder, "max_tokens_per_char", 1)
+        per_char = self.embedder.max_tokens_per_char
         long = [i for i, t in texts.items() if per_char is None or len(t) * per_char > limit]
         if long:
             offsets = await self._on_model_thread(self.embedder.token_offsets, [texts[i] for i in long])

@@ -184,8 +184,8 @@ class ChunkEngine(Protocol):
         """Upsert the points of `writes`, each point only where the stored one is not newer (see above)."""
         ...
 
-    def sample_chunks(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
-        """Up to `limit` (point id, payload) of stored chunks with `chunk_index` >= 1 (the id-scheme check)."""
+    def sample_chunks(self, limit: int, *, from_index: int = 1) -> list[tuple[str, dict[str, Any]]]:
+        """Up to `limit` (point id, payload) of stored chunks with `chunk_index` >= `from_index` (start-up checks)."""
         ...
 
     def is_permanent(self, exc: BaseException) -> bool:
@@ -247,6 +247,29 @@ def check_vectors(points: Sequence[Point]) -> None:
 
 
 LEGACY_ID_SAMPLE = 64
+MODEL_SAMPLE = 16
+
+
+def check_model(collection: str, samples: Sequence[tuple[str, dict[str, Any]]], model: str | None, version: str | None) -> None:
+    """Refuse a collection whose points another model (or other weights of the same name) wrote.
+
+    A model of the same vector size would otherwise write into it silently: its vectors and the
+    stored ones are not comparable, and search quietly degrades.
+    """
+    if model is None:
+        return
+    for _, payload in samples:
+        theirs, their_version = payload.get("model"), payload.get("model_version")
+        if not isinstance(theirs, str):
+            continue  # not a point embedworker wrote
+        if theirs != model or (their_version is not None and their_version != version):
+            found = f"{theirs}" + (f" ({their_version})" if their_version else "")
+            ours = f"{model}" + (f" ({version})" if version else "")
+            raise SinkConfigError(
+                f"collection {collection!r} holds vectors of {found}, this worker's model is {ours}: "
+                f"re-embed into a new collection (embedworker reembed --from-collection {collection} "
+                "--target-collection NEW) or set EMBEDWORKER_MODEL to the collection's model"
+            )
 
 
 def check_id_scheme(collection: str, samples: Sequence[tuple[str, dict[str, Any]]]) -> None:
@@ -280,7 +303,10 @@ class VectorSink(Protocol):
         """The collection's vector size, or None when it does not exist."""
         ...
 
-    async def ensure_collection(self, dim: int) -> None: ...
+    async def ensure_collection(self, dim: int, *, model: str | None = None, model_version: str | None = None) -> None:
+        """Create the collection, or check an existing one: vector size, sparse config, id scheme and,
+        given `model`, that no other model's points are in it (`SinkConfigError`)."""
+        ...
 
     async def upsert(self, points: Sequence[Point]) -> None: ...
 
@@ -384,7 +410,7 @@ class QdrantSink(ThreadedStore):
 
         return await self._call(size)
 
-    async def ensure_collection(self, dim: int) -> None:
+    async def ensure_collection(self, dim: int, *, model: str | None = None, model_version: str | None = None) -> None:
         from qdrant_client import models
 
         def ensure() -> None:
@@ -401,6 +427,7 @@ class QdrantSink(ThreadedStore):
                 modifier = getattr(getattr(stored, "modifier", None), "value", None)
                 check_sparse_config(self.collection, self._bm25 is not None, modifier, present=stored is not None)
                 check_id_scheme(self.collection, self.sample_chunks(LEGACY_ID_SAMPLE))
+                check_model(self.collection, self.sample_chunks(MODEL_SAMPLE, from_index=0), model, model_version)
                 return
             try:
                 self._client.create_collection(
@@ -490,12 +517,13 @@ class QdrantSink(ThreadedStore):
             condition = models.Filter(should=[models.Filter(must=self._guard(w)) for w in writes])
         self._client.upsert(self.collection, points=self._structs(points), wait=True, update_filter=condition)
 
-    def sample_chunks(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
+    def sample_chunks(self, limit: int, *, from_index: int = 1) -> list[tuple[str, dict[str, Any]]]:
         from qdrant_client import models
 
-        later = models.Filter(must=[models.FieldCondition(key="chunk_index", range=models.Range(gte=1))])
+        later = models.Filter(must=[models.FieldCondition(key="chunk_index", range=models.Range(gte=from_index))])
         records, _ = self._client.scroll(
-            self.collection, scroll_filter=later, limit=limit, with_payload=["id", "chunk_index"], with_vectors=False
+            self.collection, scroll_filter=later, limit=limit, with_payload=["id", "chunk_index", "model", "model_version"],
+            with_vectors=False,
         )
         return [(str(r.id), dict(r.payload or {})) for r in records]
 

@@ -29,7 +29,7 @@ def vector_of(text: str) -> np.ndarray:
 class WordEmbedder:
     """One token per word; a text of more than `max_tokens - 2` words is long. No I/O, no model."""
 
-    name, dim, device, version, special_tokens = "words", DIM, "cpu", None, 2
+    name, dim, device, version, special_tokens, max_tokens_per_char = "words", DIM, "cpu", None, 2, 1
 
     def __init__(self, *, max_tokens: int = 10, poison: str = "POISON") -> None:
         self.max_tokens = max_tokens

@@ -266,3 +266,26 @@ async def test_the_engine_itself_refuses_an_older_upsert(kind, tmp_path):
         assert (await stored_state(sink))["r"] == (1, 9, "newer")
     finally:
         await sink.close()
+
+
+async def test_another_model_of_the_same_size_is_refused_at_start_naming_reembed(kind, tmp_path):
+    class OtherWords(WordEmbedder):
+        name = "other-words"
+
+    class NewWeights(WordEmbedder):
+        version = "sha256:0123456789abcdef"
+
+    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
+    try:
+        first = Pipeline(embedder=NewWeights(), sink=sink)
+        await first.start()
+        await first.process([upsert("m", "written by one model")])
+        await first.close()
+        for other in (OtherWords(), WordEmbedder()):  # another name; the same name with other weights
+            with pytest.raises(SinkConfigError, match="reembed"):
+                await Pipeline(embedder=other, sink=sink).start()
+        same = Pipeline(embedder=NewWeights(), sink=sink)
+        await same.start()  # the model that wrote it goes on
+        await same.close()
+    finally:
+        await sink.close()

@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 import pytest
 
-from processors.faults import FailingSink, SlowCache
+from faults import FailingSink, SlowCache
 from schemas import normalize_text
 from streams.runtime import WorkerObserver
 from streams.commands.reembed import document_text

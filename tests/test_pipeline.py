@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from processors.cache import RedisCache
-from processors.faults import FailingSink, PoisonEmbedder
+from faults import FailingSink, PoisonEmbedder
 from processors.pipeline import Backoff, Pipeline
 from processors.errors import SinkConfigError
 from processors.sink import QdrantSink

@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from processors.faults import FailingSink
+from faults import FailingSink
 from processors.pipeline import Backoff
 from streams.devstack import LocalRedis
 from streams.metrics import Metrics

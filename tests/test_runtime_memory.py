@@ -19,7 +19,7 @@ import pytest
 from aiokafka import TopicPartition
 from fakes import GatedCache, WordEmbedder
 from processors.backoff import Backoff
-from processors.faults import FailingSink
+from faults import FailingSink
 from processors.sink import QdrantSink
 from schemas import content_hash
 from streams.assembly import build_worker

@@ -29,8 +29,8 @@ class FailingSink:
         self.fail_next = 0
         self.failed_calls = 0
 
-    async def ensure_collection(self, dim: int) -> None:
-        await self.inner.ensure_collection(dim)
+    async def ensure_collection(self, dim: int, **checks: Any) -> None:
+        await self.inner.ensure_collection(dim, **checks)
 
     async def upsert(self, points: Sequence[Point]) -> None:
         if self.failing or self.fail_next > 0:
@@ -39,12 +39,12 @@ class FailingSink:
             raise InjectedFault("injected upsert failure")
         await self.inner.upsert(points)
 
-    async def write(self, writes: Sequence[DocumentWrite]) -> None:
+    async def write(self, writes: Sequence[DocumentWrite]) -> int:
         if self.failing or self.fail_next > 0:
             self.fail_next = max(0, self.fail_next - 1)
             self.failed_calls += 1
             raise InjectedFault("injected write failure")
-        await self.inner.write(writes)
+        return await self.inner.write(writes)
 
     async def count(self) -> int:
         return await self.inner.count()
@@ -70,6 +70,8 @@ class PoisonEmbedder:
         """time.monotonic() until which every call fails (a model or driver outage)."""
         self.calls = 0
         self.name, self.dim, self.device, self.max_tokens = inner.name, inner.dim, inner.device, inner.max_tokens
+        self.version, self.special_tokens = inner.version, inner.special_tokens
+        self.max_tokens_per_char = inner.max_tokens_per_char
 
     def embed(self, texts: Sequence[str], token_counts: Sequence[int] | None = None) -> Embeddings:
         self.calls += 1
