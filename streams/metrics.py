@@ -66,6 +66,10 @@ class Metrics:
         self.store_rejected = Counter(
             "embedworker_store_rejected_total", "Documents the store refused on their merits (dead-lettered as store_rejected)", registry=r
         )
+        self.key_id_mismatches = Counter(
+            "embedworker_key_id_mismatches_total", "Keyed upserts whose key is not their id (per-id order needs key = id)",
+            registry=r,
+        )
         self.stale_writes_skipped = Counter(
             "embedworker_stale_writes_skipped_total",
             "Document writes skipped because the store held a newer version (a replay, a zombie writer, a slow backfill)",

@@ -228,6 +228,7 @@ class Worker:
         self.decode = Decode(
             next_step=self.batch, dead_letters=self.dead_letters, limits=self.limits, tokens=self._tokens,
             on_decoded=lambda item: self.breaker.record_valid(item.tp, item.offset),
+            on_key_mismatch=self._key_mismatch,
         )
 
         self._rss = 0
@@ -247,6 +248,7 @@ class Worker:
         self._aborting = False
         # Last commit seen per partition, kept across rebalances to notice a broker that lost its state.
         self._committed_before: dict[TopicPartition, int] = {}
+        self._warned_key_mismatch: set[TopicPartition] = set()
 
     # ---- hooks -------------------------------------------------------------------------
 
@@ -316,6 +318,17 @@ class Worker:
             if self._consumer is not None:
                 self._apply_flow()  # pause now, not at the next fetch round: the rest of this fetch is held anyway
         return False
+
+    def _key_mismatch(self, item: Fetched) -> None:
+        self.metrics.key_id_mismatches.inc()
+        if item.tp not in self._warned_key_mismatch:
+            self._warned_key_mismatch.add(item.tp)
+            log.warning(
+                "%s[%d] offset %d: the record's key is not its event's id; per-id order holds only when key = id "
+                "(a tombstone and an upsert of one id may land on different partitions and swap); "
+                "counted in embedworker_key_id_mismatches_total, logged once per partition",
+                item.tp.topic, item.tp.partition, item.offset,
+            )
 
     def _count_dead_letters(self, count: int, stage: str) -> None:
         self.stats.dead_letters += count

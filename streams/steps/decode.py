@@ -18,6 +18,7 @@ class Decode(Inline):
     def __init__(
         self, *, next_step: Batch, dead_letters: DeadLetters, limits: Limits, tokens: Callable[[InputEvent], int],
         on_decoded: Callable[[Fetched], None] = lambda item: None,
+        on_key_mismatch: Callable[[Fetched], None] = lambda item: None,
     ) -> None:
         self.next_step = next_step
         self.dead_letters = dead_letters
@@ -25,6 +26,7 @@ class Decode(Inline):
         self.tokens = tokens
         # Told here, in offset order, like the dead letters: the breaker counts both in one sequence.
         self.on_decoded = on_decoded
+        self.on_key_mismatch = on_key_mismatch
 
     def submit(self, item: Fetched) -> None:
         try:
@@ -33,4 +35,9 @@ class Decode(Inline):
             self.dead_letters.submit([(item, exc.kind, exc.message)])
             return
         self.on_decoded(item)
+        key = item.key
+        if key is not None and key != item.event.id.encode("utf-8", "surrogatepass"):
+            # Per-id order needs key = id: a keyed upsert of another key may land on another
+            # partition than the same id's tombstone, and the two can then swap.
+            self.on_key_mismatch(item)
         self.next_step.submit(item, self.tokens(item.event))
