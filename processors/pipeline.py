@@ -117,8 +117,6 @@ class Pipeline:
         self.chunk_overlap_tokens = chunk_overlap_tokens
         self.writes = Sequencer()
         self._writing: asyncio.Future[int] | None = None
-        self._store_accepted = False
-        """Whether the store took a write since start: a lone refused document is then its own fault."""
         self._special_tokens = int(embedder.special_tokens)
         # Keyed by the weights, not only the name: new weights under the same name miss.
         self._version = embedder.version
@@ -410,16 +408,16 @@ class Pipeline:
     ) -> dict[int, str]:
         """Apply the writes, retrying with backoff until they land; fenced events drop out before each try.
 
-        A write the store refuses on its merits (`StoreRejected`) is split in halves until the
-        documents it refuses alone are found: those are returned (event index -> the engine's
-        reason) to become dead letters, the rest are written. When the store refuses every
-        document (a deleted collection, a wrong vector size for all), it is an outage: held and
-        retried like any other store error, nothing dead-lettered.
+        A write the store refuses on its merits (`StoreRejected`: a validation error, a 400/422)
+        is split in halves until the documents it refuses alone are found: those are returned
+        (event index -> the engine's reason) to become dead letters, the rest are written.
+        Deployment errors (a deleted collection, a wrong API key: 401/403/404) are not refusals
+        on a document's merits: they are held and retried like any outage, nothing dead-lettered;
+        a refusal of everything that slips through that rule trips the dead-letter breaker.
         """
         writes = self._document_writes(events, p, versions)
         rejected: dict[int, str] = {}
         attempt = 0
-        logged_refusal = False
         while True:
             alive = [(i, w) for i, w in writes if (live is None or live(i)) and i not in rejected]
             if not alive:
@@ -433,16 +431,12 @@ class Pipeline:
                     await self._send(alive)
                 except StoreRejected:
                     found = await self._isolate_rejected(alive, live)
-                    every = len(found) == len(alive)
-                    if every and (len(alive) > 1 or not self._store_accepted):
-                        raise StoreRejected(f"the store refuses every document of the batch: {next(iter(found.values()))}")
                     for reason in found.values():
                         log.warning("the store refused a document: %s", reason[:300])
                     self.hooks.on_store_rejected(len(found))
                     rejected.update(found)
                     self.hooks.on_sink_state(True)
                     return rejected  # the others were written while isolating
-                self._store_accepted = True
                 self.hooks.on_sink_state(True)
                 return rejected
             except asyncio.CancelledError:
@@ -451,12 +445,7 @@ class Pipeline:
                 self.hooks.on_sink_error()
                 self.hooks.on_sink_state(False)
                 delay = self.sink_backoff.delay(attempt)
-                if isinstance(exc, StoreRejected):
-                    if not logged_refusal:
-                        log.error("%s; holding the batch (a deployment error, not bad input) and retrying", exc)
-                        logged_refusal = True
-                else:
-                    log.warning("write of %d documents failed (%s); retry in %.2fs", len(alive), exc, delay)
+                log.warning("write of %d documents failed (%s); retry in %.2fs", len(alive), exc, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
 
@@ -482,7 +471,6 @@ class Pipeline:
             return {}
         try:
             await self._send(writes)
-            self._store_accepted = True
             return {}
         except StoreRejected as exc:
             if len(writes) == 1:

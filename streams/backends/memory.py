@@ -253,7 +253,8 @@ class MemoryProducer:
     async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
                    headers: Any = ()) -> "asyncio.Future[Record]":
         future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
-        size = len(value or b"") + len(key or b"")
+        # As Kafka counts a record: headers too.
+        size = len(value or b"") + len(key or b"") + sum(len(k) + len(v or b"") for k, v in headers or ())
         if self.broker.refuse_larger_than is not None and size > self.broker.refuse_larger_than:
             future.set_exception(MessageSizeTooLargeError(f"record of {size} bytes"))
         elif self.broker.fail_sends or self.fail_sends:
