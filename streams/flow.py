@@ -2,7 +2,7 @@
 
 Each signal has a high mark that activates it and a low mark that clears it
 (hysteresis), so the consumer does not flap around one threshold. The consumer is
-paused while any signal is active, like Arroyo's `MessageRejected`.
+paused while any signal is active (the role of Arroyo's `MessageRejected`).
 """
 
 from __future__ import annotations

@@ -3,10 +3,13 @@
     fetched ─► Decode ─► Batch ─► EmbedAndStore ─► Publish ─► Finish
                  └── bad input ──► DeadLetters ──────┘
 
-Each step has one small interface: `submit` (take work, or raise `MessageRejected` when
-full: the caller keeps the work and the consumer stays paused), `poll` (move finished work
-on), `join(deadline)` (finish what is inside, until the deadline) and `close` (drop what
-is left: it is uncommitted, so the next owner replays it). Owns: what happens to a message
+Each step has one small interface: `submit` (take work), `poll` (move finished work on),
+`join(deadline)` (finish what is inside, until the deadline) and `close` (drop what is
+left: it is uncommitted, so the next owner replays it). A step never refuses work: the one
+step with a limit (`EmbedAndStore`, its pipeline depth) says so through `has_room`, which
+`Batch` asks before it hands a batch on; what is not handed on waits in the batcher, and the
+consumer pauses on the `Backpressure` signals (buffered messages and bytes, batches waiting,
+memory, the store, the dead-letter breaker), not on a step's refusal. Owns: what happens to a message
 between fetch and commit. Must not: fetch, pause, commit or handle rebalances (the
 `Worker` does), nor touch the store or the model except through the `Pipeline`.
 """
@@ -21,10 +24,6 @@ from aiokafka import TopicPartition
 from schemas import InputEvent
 
 T = TypeVar("T", contravariant=True)
-
-
-class MessageRejected(Exception):
-    """A step is full; submit again later (Arroyo's backpressure signal)."""
 
 
 class Step(Protocol, Generic[T]):
@@ -72,4 +71,4 @@ class Fetched:
         return f"{self.tp.topic}/{self.tp.partition}/{self.offset}"
 
 
-__all__ = ["Fetched", "Inline", "MessageRejected", "Step"]
+__all__ = ["Fetched", "Inline", "Step"]

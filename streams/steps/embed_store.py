@@ -16,7 +16,7 @@ from typing import Callable
 
 from processors.pipeline import Pipeline
 from schemas import Version
-from streams.steps import Fetched, MessageRejected
+from streams.steps import Fetched
 from streams.steps.publish import Publish
 from streams.tracing import Tracing
 
@@ -32,7 +32,6 @@ class EmbedAndStore:
         live: Callable[[Fetched], bool],
         depth: int,
         on_error: Callable[[BaseException], None],
-        on_slot_free: Callable[[], None] = lambda: None,
         on_batch: Callable[[list[Fetched]], None] = lambda batch: None,
         on_batch_done: Callable[[list[Fetched], float], None] = lambda batch, seconds: None,
         tracing: Tracing | None = None,
@@ -44,7 +43,7 @@ class EmbedAndStore:
         self.live = live
         self.depth = depth
         self._on_error = on_error
-        self._on_slot_free = on_slot_free
+        self._on_slot_free: Callable[[], None] = lambda: None
         self._on_batch = on_batch
         self._on_batch_done = on_batch_done
         self.tracing = tracing or Tracing(enabled=False)
@@ -52,12 +51,16 @@ class EmbedAndStore:
         self._room = asyncio.Event()
         self.stopping = False
 
+    def when_a_slot_frees(self, poll: Callable[[], None]) -> None:
+        """Call `poll` (the `Batch` step's) as a batch finishes: a due batch starts at once, not at the next fetch round."""
+        self._on_slot_free = poll
+
     def has_room(self) -> bool:
         return len(self.tasks) < self.depth
 
     def submit(self, batch: list[Fetched]) -> None:
         if not self.has_room():
-            raise MessageRejected(f"{len(self.tasks)} batches in flight")
+            raise RuntimeError(f"a batch submitted with {len(self.tasks)} in flight: `Batch` asks `has_room` first")
         # Both turns are taken here, before the task's first await: launch order is offset order.
         write_turn, publish_turn = self.pipeline.take_turn(), self.publish.take_turn()
         task = asyncio.create_task(self._run(batch, write_turn, publish_turn))
