@@ -25,6 +25,7 @@ from schemas.events import (
     point_id,
     replay_count,
 )
+from schemas.headers import copied_headers, headers_size
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -50,4 +51,6 @@ __all__ = [
     "legacy_point_id",
     "point_id",
     "replay_count",
+    "copied_headers",
+    "headers_size",
 ]

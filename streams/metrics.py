@@ -66,6 +66,10 @@ class Metrics:
         self.store_rejected = Counter(
             "embedworker_store_rejected_total", "Documents the store refused on their merits (dead-lettered as store_rejected)", registry=r
         )
+        self.headers_dropped = Counter(
+            "embedworker_headers_dropped_total",
+            "Input headers not copied onto results and dead letters: malformed, or over their size cap", registry=r,
+        )
         self.key_id_mismatches = Counter(
             "embedworker_key_id_mismatches_total", "Keyed upserts whose key is not their id (per-id order needs key = id)",
             registry=r,

@@ -30,7 +30,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 
 from processors.embedder import estimate_tokens
 from processors.pipeline import LONG_TEXT_CHUNK, Pipeline
-from schemas import REPLAY_COUNT_HEADER, InputEvent
+from schemas import REPLAY_COUNT_HEADER, InputEvent, copied_headers, headers_size
 from streams.backends import Backend
 from streams.backends.kafka import REBALANCE_TIMEOUT_MS, KafkaBackend
 from streams.backpressure import Backpressure
@@ -323,13 +323,16 @@ class Worker:
             self.tracker.set_committed(tp, message.offset)
         if not self.tracker.register(tp, message.offset, timestamp):
             return  # already in flight here (re-fetched after a seek)
-        size = len(message.value or b"") + len(message.key or b"")
-        item = Fetched(tp, message.offset, timestamp, message.key, message.value, size, self._epochs.get(tp, 0))
+        headers: tuple[tuple[str, bytes], ...] = ()
         if message.headers:
-            item.headers = tuple((k, v) for k, v in message.headers if k in self._pass_headers)
+            headers, dropped = copied_headers(message.headers, self._pass_headers, replay_header=REPLAY_COUNT_HEADER)
+            if dropped:
+                self.metrics.headers_dropped.inc(dropped)
+        # What is held until the message is finished: backpressure counts all of it.
+        size = len(message.value or b"") + len(message.key or b"") + headers_size(headers)
+        item = Fetched(tp, message.offset, timestamp, message.key, message.value, size, self.fencing.epoch(tp), headers=headers)
         self.finish.admit(item)
-        self.stats.consumed += 1
-        self.metrics.messages_consumed.inc()
+        self.telemetry.consumed()
         self.decode.submit(item)
 
     def _fail(self, exc: BaseException | None) -> None:

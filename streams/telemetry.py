@@ -85,7 +85,7 @@ class Telemetry:
         self.metrics.cache_misses.inc(misses)
 
     def consumed(self) -> None:
-        self.observer.on_consumed()
+        """A message registered (not a re-fetched one already in flight)."""
         self.stats.consumed += 1
         self.metrics.messages_consumed.inc()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -21,13 +21,16 @@ from aiokafka.errors import KafkaError
 from processors.backoff import Backoff
 from processors.ordering import Sequencer, Turn
 from processors.pipeline import Outcome
-from schemas import SourcePosition, encode_dead_letter
+from schemas import SourcePosition, encode_dead_letter, headers_size
 from streams.steps import Fetched
 from streams.steps.finish import Finish
 
 log = logging.getLogger(__name__)
 
 _MAX_KEY_BYTES = 4096
+MAX_RECORD_BYTES = 1_000_000
+"""Records are kept under Kafka's default `message.max.bytes` (1,048,588) with room for the batch overhead."""
+_RECORD_OVERHEAD_BYTES = 64
 
 
 class PublishError(Exception):
@@ -58,6 +61,11 @@ def dead_letter_record(
     return OutRecord(topic, key if key is None or len(key) <= _MAX_KEY_BYTES else None, value, bare, "dead_letter", live, headers)
 
 
+def record_size(record: OutRecord) -> int:
+    """What the broker counts against its limit: key, value, headers and a record's own overhead."""
+    return len(record.key or b"") + len(record.value) + headers_size(record.headers) + _RECORD_OVERHEAD_BYTES
+
+
 def error_label(exc: BaseException) -> str:
     """A bounded label value: aiokafka's error class names are a fixed set; anything else is `other`."""
     name = type(exc).__name__
@@ -82,23 +90,25 @@ class Publisher:
         send_many: Callable[[str, list[tuple[bytes | None, bytes, tuple[tuple[str, bytes], ...]]]], Awaitable[list[tuple[list[int], Any]]]] | None = None,
         on_error: Callable[[str, str], None] = lambda kind, error: None,
         backoff: Backoff | None = None,
+        max_record_bytes: int = MAX_RECORD_BYTES,
     ) -> None:
         self._send = send
+        self.max_record_bytes = max_record_bytes
         self._send_many = send_many
         self._on_error = on_error
         self.backoff = backoff or Backoff(base_seconds=0.2, cap_seconds=5.0)
 
     async def publish(self, records: Sequence[OutRecord], *, batch_id: str | None = None) -> None:
-        remaining, attempt = list(records), 0
+        remaining, attempt = [self._fit(r) for r in records], 0
         while remaining:
             remaining = [r for r in remaining if r.live is None or r.live()]  # fenced meanwhile: not ours to send
             if not remaining:
                 return
-            outcomes = await self._send_all(remaining)
+            outcomes, by_client = await self._send_all(remaining)
             retry: list[OutRecord] = []
             retriable: BaseException | None = None
             failed_keys: set[bytes | None] = set()
-            for record, outcome in zip(remaining, outcomes):
+            for index, (record, outcome) in enumerate(zip(remaining, outcomes)):
                 if not isinstance(outcome, BaseException):
                     if record.key in failed_keys and record.kind == "result":
                         # A later record of a key whose earlier one failed: send it again after
@@ -109,18 +119,25 @@ class Publisher:
                 self._on_error(record.kind, error_label(outcome))
                 if isinstance(outcome, asyncio.CancelledError):
                     raise outcome
+                who = "the client" if index in by_client else "the broker"
                 if _retriable(outcome):
                     retriable = outcome
                     retry.append(record)
+                elif record.headers:
+                    log.error(
+                        "%s refused a %d-byte %s for %s (%s); sending it without its copied headers",
+                        who, record_size(record), record.kind.replace("_", " "), record.topic, type(outcome).__name__,
+                    )
+                    retry.append(replace(record, headers=()))
                 elif record.fallback is not None:
                     log.error(
-                        "the broker refused a %d-byte dead letter for %s (%s); sending it without its payload",
-                        len(record.value), record.topic, type(outcome).__name__,
+                        "%s refused a %d-byte dead letter for %s (%s); sending it without its payload",
+                        who, len(record.value), record.topic, type(outcome).__name__,
                     )
-                    retry.append(OutRecord(record.topic, record.key, record.fallback, None, record.kind, record.live, record.headers))
+                    retry.append(replace(record, value=record.fallback, fallback=None))
                 else:
                     raise PublishError(
-                        f"the broker refused a {len(record.value)}-byte record for {record.topic} "
+                        f"{who} refused a {len(record.value)}-byte record for {record.topic} "
                         f"({type(outcome).__name__}: {outcome}); it cannot be retried, stopping"
                     )
             if retriable is not None:
@@ -134,9 +151,23 @@ class Publisher:
             remaining = retry
 
 
-    async def _send_all(self, records: list[OutRecord]) -> list[Any]:
-        """One outcome (an acknowledgement or an exception) per record."""
+    def _fit(self, record: OutRecord) -> OutRecord:
+        """The record in a form within `max_record_bytes`, checked here: aiokafka's `send_many` path
+        skips the client's own size check, and the broker's limit may be lower than the client's."""
+        if record_size(record) <= self.max_record_bytes:
+            return record
+        if record.headers:
+            log.warning("a %d-byte %s for %s goes without its copied headers (limit %d bytes)",
+                        record_size(record), record.kind.replace("_", " "), record.topic, self.max_record_bytes)
+            record = replace(record, headers=())
+        if record_size(record) > self.max_record_bytes and record.fallback is not None:
+            record = replace(record, value=record.fallback, fallback=None)
+        return record
+
+    async def _send_all(self, records: list[OutRecord]) -> tuple[list[Any], set[int]]:
+        """One outcome (an acknowledgement or an exception) per record, and which ones the client refused itself."""
         outcomes: list[Any] = [None] * len(records)
+        by_client: set[int] = set()
         acks: list[tuple[list[int], Any]] = []
         singles = list(range(len(records)))
         topics = {r.topic for r in records}
@@ -152,12 +183,13 @@ class Publisher:
                 record = records[index]
                 acks.append(([index], await self._send(record.topic, record.key, record.value, record.headers)))
             except Exception as exc:  # the client refused it before sending
+                by_client.add(index)
                 acks.append(([index], _failed(exc)))
         results = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
         for (indices, _), result in zip(acks, results):
             for index in indices:
                 outcomes[index] = result
-        return outcomes
+        return outcomes, by_client
 
 
 def _retriable(exc: BaseException) -> bool:
