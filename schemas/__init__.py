@@ -25,7 +25,7 @@ from schemas.events import (
     point_id,
     replay_count,
 )
-from schemas.headers import copied_headers, headers_size
+from schemas.headers import copied_headers, headers_size, passed_header_names
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -53,4 +53,5 @@ __all__ = [
     "replay_count",
     "copied_headers",
     "headers_size",
+    "passed_header_names",
 ]

@@ -26,6 +26,12 @@ _DIGITS = re.compile(rb"[0-9]{1,9}")
 Headers = tuple[tuple[str, bytes], ...]
 
 
+def passed_header_names(pass_headers: str, replay_header: str) -> frozenset[str]:
+    """W3C trace context and the replay count always travel (a replayed event that fails again
+    must carry its count to its next dead letter); other headers only when named (comma-separated)."""
+    return frozenset({TRACEPARENT, TRACESTATE, replay_header, *(n.strip() for n in pass_headers.split(","))} - {""})
+
+
 def copied_headers(headers: Iterable[tuple[str, bytes | None]], names: frozenset[str], *, replay_header: str = "") -> tuple[Headers, int]:
     """(the headers to copy, how many named ones were dropped): first of each name, validated, within the caps."""
     kept: list[tuple[str, bytes]] = []

@@ -75,7 +75,7 @@ from processors.cache import VectorCache
 from processors.embedder import Embedder
 from processors.pipeline import Outcome, Pipeline
 from processors.sink import VectorSink
-from schemas import InvalidEvent, Limits, SourcePosition, decode_input
+from schemas import REPLAY_COUNT_HEADER, InvalidEvent, Limits, SourcePosition, copied_headers, decode_input, passed_header_names
 from streams.config import ConfigError, Settings, load_settings
 from streams.kafka import security_kwargs
 from streams.steps.publish import OutRecord, Publisher, dead_letter_record, split_outcomes
@@ -136,6 +136,7 @@ class _Runtime:
         # The main runtime's publishing: every acknowledgement awaited, retriable errors retried,
         # a refused dead letter sent without its payload, anything else a stop.
         self.publisher = Publisher(send=self._send)
+        self._pass_headers = passed_header_names(settings.pass_headers, REPLAY_COUNT_HEADER)
 
     async def start(self) -> Pipeline:
         async with self._start_lock:
@@ -181,18 +182,27 @@ class _Runtime:
         outcomes: list[Outcome] = await pipeline.process([e for _, e in valid]) if valid else []
         results, failed = split_outcomes([(message, o) for (message, _), o in zip(valid, outcomes)])
         failures.extend(failed)
-        out = [OutRecord(self.settings.output_topic, o.event.id.encode("utf-8"), o.result.encode()) for _, o in results]  # type: ignore[union-attr]
+        out = [
+            OutRecord(self.settings.output_topic, o.event.id.encode("utf-8"), o.result.encode(), headers=self._copied(m))  # type: ignore[union-attr]
+            for m, o in results
+        ]
         for message, kind, text in failures:
             source = SourcePosition(topic=message.topic, partition=message.partition, offset=message.offset)
             out.append(dead_letter_record(
                 topic=self.settings.dlq_topic, source=source, key=message.key, payload=message.value, kind=kind,
-                message=text, max_payload_bytes=self.settings.dlq_max_payload_bytes,
+                message=text, max_payload_bytes=self.settings.dlq_max_payload_bytes, headers=self._copied(message),
             ))
         await self.publisher.publish(out)
 
         for message in messages:
             message.decref()  # take_events' own ack now makes them committable
         log.debug("batch of %d: %d results, %d dead letters", len(messages), len(results), len(failures))
+
+    def _copied(self, message: Any) -> tuple[tuple[str, bytes], ...]:
+        """The input's headers that travel onto its result or dead letter: the same rule as the main runtime."""
+        headers = message.headers or ()
+        items = headers.items() if isinstance(headers, dict) else headers
+        return copied_headers(items, self._pass_headers, replay_header=REPLAY_COUNT_HEADER)[0]
 
     def _send(self, topic: str, key: bytes | None, value: bytes, headers: Any = ()) -> Any:
         # force: publish now, never as a Faust "attachment" held until commit.

@@ -30,7 +30,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 
 from processors.embedder import estimate_tokens
 from processors.pipeline import LONG_TEXT_CHUNK, Pipeline
-from schemas import REPLAY_COUNT_HEADER, InputEvent, copied_headers, headers_size
+from schemas import REPLAY_COUNT_HEADER, InputEvent, copied_headers, headers_size, passed_header_names
 from streams.backends import Backend
 from streams.backends.kafka import REBALANCE_TIMEOUT_MS, KafkaBackend
 from streams.backpressure import Backpressure
@@ -131,11 +131,7 @@ class Worker:
             ),
             metrics=self.metrics, live=self.live, on_trip=self._apply_flow,
         )
-        # W3C trace context always travels with a message; other headers only when named.
-        # The replay count too: a replayed event that fails again must carry it to its next dead letter.
-        self._pass_headers = frozenset(
-            {"traceparent", "tracestate", REPLAY_COUNT_HEADER, *settings.pass_headers.split(",")} - {""}
-        )
+        self._pass_headers = passed_header_names(settings.pass_headers, REPLAY_COUNT_HEADER)
         t = self.telemetry
         chain = build_chain(
             settings, pipeline=pipeline, tracker=self.tracker, producer=lambda: self._producer, tracing=self.tracing,

@@ -180,6 +180,8 @@ from support import event
 class Message:
     def __init__(self, offset, value):
         self.topic, self.partition, self.offset, self.key, self.value = "in", 0, offset, None, value
+        self.headers = [("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                        ("embedworker-replay-count", b"2"), ("x-not-named", b"stays home"), ("tracestate", b"k=\x1b" * 400)]
         self.refcount = 1  # take_events' own reference, released (acked) in its `finally`
 
     def incref(self):
@@ -201,7 +203,7 @@ async def arm(fails):
     sent = []
 
     async def send(topic, key, value, headers=()):
-        sent.append(value)
+        sent.append([name for name, _ in headers])
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
@@ -217,7 +219,8 @@ async def arm(fails):
         raised = True
     for m in messages:
         m.decref()  # take_events acknowledges in its `finally` either way
-    return {"raised": raised, "refcounts": [m.refcount for m in messages], "sent": len(sent)}
+    return {"raised": raised, "refcounts": [m.refcount for m in messages], "sent": len(sent),
+            "headers": sorted({tuple(h) for h in sent})}
 
 
 print(json.dumps({"fails": asyncio.run(arm(True)), "works": asyncio.run(arm(False))}))
@@ -237,5 +240,7 @@ def test_faust_batch_abandoned_midway_stays_held_so_faust_cannot_commit_it():
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = orjson.loads(done.stdout.strip().splitlines()[-1])
-    assert result["fails"] == {"raised": True, "refcounts": [1, 1, 1, 1], "sent": 0}  # held: never committed
-    assert result["works"] == {"raised": False, "refcounts": [0, 0, 0, 0], "sent": 4}  # released once acknowledged
+    assert result["fails"] == {"raised": True, "refcounts": [1, 1, 1, 1], "sent": 0, "headers": []}  # held: never committed
+    assert result["works"] == {  # released once acknowledged; trace context and replay count travel, as in the main runtime
+        "raised": False, "refcounts": [0, 0, 0, 0], "sent": 4, "headers": [["traceparent", "embedworker-replay-count"]],
+    }
