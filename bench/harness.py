@@ -462,7 +462,7 @@ def bench_worker(settings: Any, *, target: int, backend: Any = None, **parts: An
 
 async def new_settings(ctx: Context, *, partitions: int = 2, **overrides: Any) -> Any:
     from streams.config import load_settings
-    from streams.kafka import ensure_topics
+    from streams.backends.kafka import ensure_topics
 
     name = f"b{uuid.uuid4().hex[:10]}"
     values: dict[str, Any] = {
@@ -489,7 +489,7 @@ def encode_events(texts: Sequence[str], prefix: str, ids: Sequence[str] | None =
 
 
 async def produce_backlog(settings: Any, values: Sequence[bytes]) -> None:
-    from streams.kafka import make_producer
+    from streams.backends.kafka import make_producer
 
     producer = make_producer(settings, linger_ms=20)
     await producer.start()

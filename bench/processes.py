@@ -27,7 +27,7 @@ PARTITIONS = 8
 
 async def _results_span(settings: Any, expect: int, timeout: float) -> tuple[int, float]:
     """Result events read, and seconds between the first and the last one's broker timestamp."""
-    from streams.kafka import make_consumer
+    from streams.backends.kafka import make_consumer
 
     consumer = make_consumer(settings, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()

@@ -428,7 +428,7 @@ async def profile(ctx: Context) -> dict[str, Any]:
 
 
 async def _steady_producer(settings: Any, values: list[bytes], rate: float) -> float:
-    from streams.kafka import make_producer
+    from streams.backends.kafka import make_producer
 
     producer = make_producer(settings, linger_ms=0)
     await producer.start()

@@ -16,7 +16,7 @@ import psutil
 
 from streams.config import Settings
 from streams.flow import FlowController, FlowSignals, Watermarks
-from streams.memory import release_free_memory
+from streams.allocator import release_free_memory
 from streams.metrics import PAUSE_REASONS, Metrics
 from streams.telemetry import RunStats
 

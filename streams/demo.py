@@ -35,7 +35,7 @@ async def run_demo(settings: Settings, *, count: int = 1200) -> int:
 
     from streams.assembly import assemble
     from streams.devstack import LocalBroker, LocalRedis
-    from streams.kafka import ensure_topics, make_producer
+    from streams.backends.kafka import ensure_topics, make_producer
 
     out = sys.stdout
     async with contextlib.AsyncExitStack() as stack_async:

@@ -77,7 +77,7 @@ from processors.pipeline import Outcome, Pipeline
 from processors.sink import VectorSink
 from schemas import REPLAY_COUNT_HEADER, InvalidEvent, Limits, SourcePosition, copied_headers, decode_input, passed_header_names
 from streams.config import ConfigError, Settings, load_settings
-from streams.kafka import security_kwargs
+from streams.backends.kafka import security_kwargs
 from streams.steps.publish import OutRecord, Publisher, dead_letter_record, split_outcomes
 
 log = logging.getLogger(__name__)

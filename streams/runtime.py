@@ -39,7 +39,7 @@ from streams.commits import Commits
 from streams.config import ConfigError, Settings
 from streams.dead_letter_gate import DeadLetterGate
 from streams.fencing import Fencing
-from streams.memory import tune_allocator
+from streams.allocator import tune_allocator
 from streams.metrics import Metrics
 from streams.offsets import OffsetTracker
 from streams.steps import Fetched

@@ -23,7 +23,7 @@ from processors.cache import RedisCache
 from processors.sink import QdrantSink
 from streams.assembly import build_sink
 from streams.config import Settings, load_settings
-from streams.kafka import ensure_topics, make_producer
+from streams.backends.kafka import ensure_topics, make_producer
 from streams.metrics import Metrics
 from streams.runtime import Worker
 

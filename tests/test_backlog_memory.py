@@ -13,7 +13,7 @@ import asyncio
 import pytest
 
 from streams.flow import Watermarks
-from streams.memory import release_free_memory
+from streams.allocator import release_free_memory
 from support import committed_offsets, event, make_settings, make_sink, produce, running_worker, wait_until
 
 pytestmark = pytest.mark.integration

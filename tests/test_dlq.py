@@ -26,7 +26,7 @@ from streams.breaker import DeadLetterBreaker, DeadLetterLimit
 from streams.commands.dlq import parse_since
 from streams.config import ConfigError, load_settings
 from streams.flow import FlowController, FlowSignals, Watermarks
-from streams.kafka import make_producer
+from streams.backends.kafka import make_producer
 from streams.metrics import Metrics
 from streams.runtime import WorkerObserver
 from cli_support import clean_cli_state, run_cli  # noqa: F401  (a fixture)

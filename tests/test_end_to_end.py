@@ -82,7 +82,7 @@ async def test_cache_hits_across_restarts_and_replay_overwrites(services, embedd
 
 
 async def test_trace_context_and_named_headers_reach_the_result_on_a_real_broker(services, embedder):
-    from streams.kafka import make_producer
+    from streams.backends.kafka import make_producer
 
     settings = await make_settings(services, partitions=1, pass_headers="x-tenant")
     trace = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

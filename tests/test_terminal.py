@@ -23,7 +23,7 @@ from streams.commands.dlq import ReplayReport, _refuse
 from streams.commands.search import format_hits
 from streams.commands.status import format_status
 from streams.config import load_settings
-from streams.kafka import make_producer
+from streams.backends.kafka import make_producer
 from streams.terminal import PrintableFormatter, printable
 from support import make_settings
 

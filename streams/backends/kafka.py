@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 
 from streams.config import Settings
 
@@ -141,3 +143,23 @@ class KafkaProducer:
             if members:
                 sent.append((members, await self.producer.send_batch(batch, topic, partition=partition)))
         return sent
+
+
+async def ensure_topics(settings: Settings, topics: dict[str, int], replication_factor: int = 1) -> None:
+    """Create missing topics with the given partition counts (existing ones are left alone)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **security_kwargs(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name, num_partitions=partitions, replication_factor=replication_factor)
+            for name, partitions in topics.items()
+            if name not in existing
+        ]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()

@@ -107,7 +107,7 @@ async def _high_watermarks(reader: Any, tps: Sequence[Any], timeout: float) -> t
 
 def _reader(settings: Settings, timeout: float, **overrides: Any) -> Any:
     """A group-less consumer (assigns, never joins or commits)."""
-    from streams.kafka import make_consumer
+    from streams.backends.kafka import make_consumer
 
     kwargs: dict[str, Any] = dict(
         group_id=None, fetch_max_wait_ms=100, request_timeout_ms=int(timeout * 1000) + 5000,

@@ -91,7 +91,7 @@ async def replay_dead_letters(
     from aiokafka.errors import KafkaError
 
     from schemas import REPLAY_COUNT_HEADER, InvalidEvent, decode_dead_letter, replay_count
-    from streams.kafka import make_producer
+    from streams.backends.kafka import make_producer
 
     if max_replays < 1:
         raise UserError(f"--max-replays must be at least 1, got {max_replays}")

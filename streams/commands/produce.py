@@ -166,7 +166,7 @@ async def produce(settings: Settings, events: Sequence[Any], *, topic: str | Non
     from aiokafka.errors import KafkaError
 
     from schemas import encode_input
-    from streams.kafka import make_producer
+    from streams.backends.kafka import make_producer
 
     topic = topic or settings.input_topic
     producer = make_producer(settings, request_timeout_ms=int(timeout * 1000), client_id="embedworker-produce")

@@ -48,7 +48,7 @@ async def partition_offsets(settings: Settings, *, topic: str | None = None, tim
     """Committed offset, high watermark and lag per partition, for the configured group."""
     from aiokafka.errors import KafkaError
 
-    from streams.kafka import make_consumer
+    from streams.backends.kafka import make_consumer
 
     topic = topic or settings.input_topic
     # Committed offsets first: a worker committing meanwhile can only make lag look higher.

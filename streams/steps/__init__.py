@@ -16,8 +16,10 @@ between fetch and commit. Must not: fetch, pause, commit or handle rebalances (t
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Callable, Coroutine, Generic, Protocol, TypeVar
 
 from aiokafka import TopicPartition
 
@@ -49,6 +51,45 @@ class Inline:
         return None
 
 
+class TaskSet:
+    """The tasks a step runs at once: started, joined until a deadline, cancelled on close.
+
+    `on_error` gets a task's exception (the worker stops); `on_done` runs after each task that
+    ended without one (a freed slot). Shared by `EmbedAndStore` and `DeadLetters`.
+    """
+
+    def __init__(self, *, on_error: Callable[[BaseException], None], on_done: Callable[[], None] = lambda: None) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.on_error = on_error
+        self.on_done = on_done
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def start(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.on_error(task.exception())  # type: ignore[arg-type]
+        else:
+            self.on_done()
+
+    async def join(self, deadline: float | None = None) -> None:
+        if self.tasks:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await asyncio.wait(set(self.tasks), timeout=timeout)
+
+    def close(self) -> None:
+        """Cancel what is still running: abandoned, uncommitted, replayed by the next owner."""
+        for task in self.tasks:
+            task.cancel()
+
+
 @dataclass(slots=True)
 class Fetched:
     """One fetched record on its way through the steps."""
@@ -71,4 +112,4 @@ class Fetched:
         return f"{self.tp.topic}/{self.tp.partition}/{self.offset}"
 
 
-__all__ = ["Fetched", "Inline", "Step"]
+__all__ = ["Fetched", "Inline", "Step", "TaskSet"]

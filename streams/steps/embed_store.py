@@ -16,7 +16,7 @@ from typing import Callable
 
 from processors.pipeline import Pipeline
 from schemas import Version
-from streams.steps import Fetched
+from streams.steps import Fetched, TaskSet
 from streams.steps.publish import Publish
 from streams.tracing import Tracing
 
@@ -42,13 +42,12 @@ class EmbedAndStore:
         self.publish = publish
         self.live = live
         self.depth = depth
-        self._on_error = on_error
         self._on_slot_free: Callable[[], None] = lambda: None
         self._on_batch = on_batch
         self._on_batch_done = on_batch_done
         self.tracing = tracing or Tracing(enabled=False)
-        self.tasks: set[asyncio.Task[None]] = set()
-        self._room = asyncio.Event()
+        self.running = TaskSet(on_error=on_error, on_done=self._slot_freed)
+        self.tasks = self.running.tasks
         self.stopping = False
 
     def when_a_slot_frees(self, poll: Callable[[], None]) -> None:
@@ -63,12 +62,9 @@ class EmbedAndStore:
             raise RuntimeError(f"a batch submitted with {len(self.tasks)} in flight: `Batch` asks `has_room` first")
         # Both turns are taken here, before the task's first await: launch order is offset order.
         write_turn, publish_turn = self.pipeline.take_turn(), self.publish.take_turn()
-        task = asyncio.create_task(self._run(batch, write_turn, publish_turn))
-        self.tasks.add(task)
-        self._room.clear()
+        task = self.running.start(self._run(batch, write_turn, publish_turn))
         # A task cancelled before it ever ran skips its `finally`: end its turns here too.
         task.add_done_callback(lambda _, w=write_turn, p=publish_turn: (w.end(), p.end()))
-        task.add_done_callback(self._done)
 
     async def _run(self, batch: list[Fetched], write_turn, publish_turn) -> None:  # type: ignore[no-untyped-def]
         started = time.monotonic()
@@ -90,12 +86,8 @@ class EmbedAndStore:
                 await self.publish.submit_batch(batch, outcomes, publish_turn, batch_id=batch_id)
         self._on_batch_done(batch, time.monotonic() - started)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        self._room.set()
-        if not task.cancelled() and task.exception() is not None:
-            self._on_error(task.exception())  # type: ignore[arg-type]
-        elif not self.stopping:
+    def _slot_freed(self) -> None:
+        if not self.stopping:
             self._on_slot_free()  # the freed slot takes the next due batch now
 
     def poll(self) -> None:
@@ -108,14 +100,11 @@ class EmbedAndStore:
         await asyncio.wait(set(self.tasks), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
 
     async def join(self, deadline: float | None = None) -> None:
-        if self.tasks:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            await asyncio.wait(set(self.tasks), timeout=timeout)
+        await self.running.join(deadline)
 
     def close(self) -> None:
         """Cancel what is still in flight: abandoned, uncommitted, replayed by the next owner."""
-        for task in self.tasks:
-            task.cancel()
+        self.running.close()
 
 
 def positions(batch: list[Fetched]) -> str:

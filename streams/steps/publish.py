@@ -22,7 +22,7 @@ from processors.backoff import Backoff
 from processors.ordering import Sequencer, Turn
 from processors.pipeline import Outcome
 from schemas import SourcePosition, encode_dead_letter, headers_size
-from streams.steps import Fetched
+from streams.steps import Fetched, TaskSet
 from streams.steps.finish import Finish
 
 log = logging.getLogger(__name__)
@@ -296,32 +296,21 @@ class DeadLetters:
 
     def __init__(self, *, publish: Publish, on_error: Callable[[BaseException], None]) -> None:
         self.publish = publish
-        self._on_error = on_error
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.running = TaskSet(on_error=on_error)
+        self.tasks = self.running.tasks
 
     def submit(self, failures: list[tuple[Fetched, str, str]]) -> None:
         # Judged here, synchronously in fetch order, not in the task: the breaker's count
         # must see each dead letter between the valid messages around it.
         failures = [failure for failure in failures if self.publish.admit_dead_letter(failure[0])]
-        if not failures:
-            return
-        task = asyncio.create_task(self.publish.dead_letter(failures, stage="decode"))
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._on_error(task.exception())  # type: ignore[arg-type]
+        if failures:
+            self.running.start(self.publish.dead_letter(failures, stage="decode"))
 
     def poll(self) -> None:
         return None
 
     async def join(self, deadline: float | None = None) -> None:
-        if self.tasks:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            await asyncio.wait(set(self.tasks), timeout=timeout)
+        await self.running.join(deadline)
 
     def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
+        self.running.close()
