@@ -47,8 +47,9 @@ import numpy as np
 
 from processors.threaded import ThreadedStore
 from processors.sink import (
-    INDEX_KINDS, LEGACY_ID_SAMPLE, PAYLOAD_INDEXES, VERSION_FIELD, VERSION_SOURCE_FIELD, DocumentWrite, Hit, Point, SinkConfigError,
-    MODEL_SAMPLE, StoredHead, StoredPoint, check_id_scheme, check_model, check_sparse_config, engine_vectors, replace_chunks, split_vector, stored_head,
+    INDEX_KINDS, LEGACY_ID_SAMPLE, MODEL_SAMPLE, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredHead,
+    StoredPoint, check_id_scheme, check_model, check_sparse_config, engine_vectors, replace_chunks, split_vector, stored_head,
+    surplus_filter, upsert_condition,
 )
 from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder
 from schemas import point_id
@@ -268,38 +269,15 @@ class EdgeSink(ThreadedStore):
         stored = self._open().retrieve(list(by_point), with_payload=True, with_vector=False)
         return {by_point[str(r.id)]: stored_head(r.payload or {}) for r in stored if str(r.id) in by_point}
 
-    @staticmethod
-    def _guard(w: DocumentWrite) -> list[Any]:
-        """Conditions a stored chunk of `w.doc_id` must meet to be replaced by `w` (its id, and not newer)."""
-        import qdrant_edge as qe
-
-        same_id = qe.FieldCondition(key="id", match=qe.MatchValue(w.doc_id))
-        if w.version is None:
-            return [same_id]
-        not_newer = qe.Filter(should=[
-            qe.Filter(must_not=[qe.FieldCondition(key=VERSION_SOURCE_FIELD, match=qe.MatchValue(w.version.source))]),
-            qe.FieldCondition(key=VERSION_FIELD, range=qe.RangeFloat(lte=w.version.value)),
-            qe.IsEmptyCondition(key=VERSION_FIELD),
-        ])
-        return [same_id, not_newer]
-
     def delete_chunks(self, targets: Sequence[DocumentWrite]) -> None:
         import qdrant_edge as qe
 
-        def clause(w: DocumentWrite) -> Any:
-            if not w.points:
-                return qe.Filter(must=self._guard(w))
-            return qe.Filter(must=[*self._guard(w), qe.FieldCondition(key="chunk_index", range=qe.RangeFloat(gte=len(w.points)))])
-
-        self._open().update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(should=[clause(w) for w in targets])))
+        self._open().update(qe.UpdateOperation.delete_points_by_filter(surplus_filter(_EdgeTerms(), targets)))
 
     def upsert_points(self, points: Sequence[Point], writes: Sequence[DocumentWrite]) -> None:
         import qdrant_edge as qe
 
-        condition = None
-        if any(w.version is not None for w in writes):
-            # One request for the batch: each stored point meets only its own document's clause.
-            condition = qe.Filter(should=[qe.Filter(must=self._guard(w)) for w in writes])
+        condition = upsert_condition(_EdgeTerms(), writes)
         # The engine checks the dimension itself.
         self._open().update(qe.UpdateOperation.upsert_points(self._structs(points), condition=condition))
 
@@ -452,3 +430,27 @@ class EdgeSink(ThreadedStore):
 def _check_name(collection: str) -> None:
     if not collection or collection in (".", "..") or "/" in collection or "\\" in collection or "\0" in collection:
         raise SinkConfigError(f"collection name {collection!r} cannot be a directory name")
+
+
+class _EdgeTerms:
+    """qdrant-edge's filter classes (its range class is `RangeFloat`)."""
+
+    def __init__(self) -> None:
+        import qdrant_edge as qe
+
+        self.qe = qe
+
+    def match(self, key: str, value: Any) -> Any:
+        return self.qe.FieldCondition(key=key, match=self.qe.MatchValue(value))
+
+    def at_least(self, key: str, value: int) -> Any:
+        return self.qe.FieldCondition(key=key, range=self.qe.RangeFloat(gte=value))
+
+    def at_most(self, key: str, value: int) -> Any:
+        return self.qe.FieldCondition(key=key, range=self.qe.RangeFloat(lte=value))
+
+    def empty(self, key: str) -> Any:
+        return self.qe.IsEmptyCondition(key=key)
+
+    def where(self, *, must: Sequence[Any] = (), should: Sequence[Any] = (), must_not: Sequence[Any] = ()) -> Any:
+        return self.qe.Filter(must=list(must) or None, should=list(should) or None, must_not=list(must_not) or None)

@@ -228,6 +228,50 @@ def replace_chunks(engine: ChunkEngine, writes: Sequence[DocumentWrite]) -> int:
     return len(writes) - len(fresh)
 
 
+class FilterTerms(Protocol):
+    """An engine's filter classes under one vocabulary, so the write's filters are written once."""
+
+    def match(self, key: str, value: Any) -> Any: ...
+
+    def at_least(self, key: str, value: int) -> Any: ...
+
+    def at_most(self, key: str, value: int) -> Any: ...
+
+    def empty(self, key: str) -> Any: ...
+
+    def where(self, *, must: Sequence[Any] = (), should: Sequence[Any] = (), must_not: Sequence[Any] = ()) -> Any: ...
+
+
+def replaceable(t: FilterTerms, w: DocumentWrite) -> list[Any]:
+    """Conditions a stored chunk of `w.doc_id` must meet to be replaced by `w`: its id, and not newer in `w`'s source."""
+    same_id = t.match("id", w.doc_id)
+    if w.version is None:
+        return [same_id]
+    not_newer = t.where(should=[
+        t.where(must_not=[t.match(VERSION_SOURCE_FIELD, w.version.source)]),
+        t.at_most(VERSION_FIELD, w.version.value),
+        t.empty(VERSION_FIELD),
+    ])
+    return [same_id, not_newer]
+
+
+def surplus_filter(t: FilterTerms, targets: Sequence[DocumentWrite]) -> Any:
+    """The chunks the targets no longer have (all of them for a delete), where they may be replaced."""
+    def clause(w: DocumentWrite) -> Any:
+        if not w.points:
+            return t.where(must=replaceable(t, w))
+        return t.where(must=[*replaceable(t, w), t.at_least("chunk_index", len(w.points))])
+
+    return t.where(should=[clause(w) for w in targets])
+
+
+def upsert_condition(t: FilterTerms, writes: Sequence[DocumentWrite]) -> Any:
+    """One condition for the batch's upsert (each stored point meets only its own document's clause); None when unversioned."""
+    if all(w.version is None for w in writes):
+        return None
+    return t.where(should=[t.where(must=replaceable(t, w)) for w in writes])
+
+
 def _count(head: StoredHead | None) -> int:
     return head.chunk_count if head is not None else 0
 
@@ -481,40 +525,17 @@ class QdrantSink(ThreadedStore):
         )
         return {by_point[str(r.id)]: stored_head(r.payload or {}) for r in stored if str(r.id) in by_point}
 
-    def _guard(self, w: DocumentWrite) -> list[Any]:
-        """Conditions a stored chunk of `w.doc_id` must meet to be replaced by `w` (its id, and not newer)."""
-        from qdrant_client import models
-
-        same_id = models.FieldCondition(key="id", match=models.MatchValue(value=w.doc_id))
-        if w.version is None:
-            return [same_id]
-        not_newer = models.Filter(should=[
-            models.Filter(must_not=[models.FieldCondition(key=VERSION_SOURCE_FIELD, match=models.MatchValue(value=w.version.source))]),
-            models.FieldCondition(key=VERSION_FIELD, range=models.Range(lte=w.version.value)),
-            models.IsEmptyCondition(is_empty=models.PayloadField(key=VERSION_FIELD)),
-        ])
-        return [same_id, not_newer]
-
     def delete_chunks(self, targets: Sequence[DocumentWrite]) -> None:
         from qdrant_client import models
 
-        def clause(w: DocumentWrite) -> Any:
-            if not w.points:
-                return models.Filter(must=self._guard(w))
-            return models.Filter(must=[*self._guard(w), models.FieldCondition(key="chunk_index", range=models.Range(gte=len(w.points)))])
-
+        t = _ClientTerms()
         # The MatchAny prefilter narrows the scan of the local engine ~10x; a server uses its index.
         ids = models.FieldCondition(key="id", match=models.MatchAny(any=[w.doc_id for w in targets]))
-        selector = models.FilterSelector(filter=models.Filter(must=[ids], should=[clause(w) for w in targets]))
+        selector = models.FilterSelector(filter=t.where(must=[ids, surplus_filter(t, targets)]))
         self._client.delete(self.collection, points_selector=selector, wait=True)
 
     def upsert_points(self, points: Sequence[Point], writes: Sequence[DocumentWrite]) -> None:
-        from qdrant_client import models
-
-        condition = None
-        if any(w.version is not None for w in writes):
-            # One request for the batch: each stored point meets only its own document's clause.
-            condition = models.Filter(should=[models.Filter(must=self._guard(w)) for w in writes])
+        condition = upsert_condition(_ClientTerms(), writes)
         self._client.upsert(self.collection, points=self._structs(points), wait=True, update_filter=condition)
 
     def sample_chunks(self, limit: int, *, from_index: int = 1) -> list[tuple[str, dict[str, Any]]]:
@@ -636,3 +657,27 @@ class QdrantSink(ThreadedStore):
             await self._call(self._client.close)
         finally:
             self._thread.shutdown(wait=False)
+
+
+class _ClientTerms:
+    """qdrant-client's filter models (a server and the local engine)."""
+
+    def __init__(self) -> None:
+        from qdrant_client import models
+
+        self.m = models
+
+    def match(self, key: str, value: Any) -> Any:
+        return self.m.FieldCondition(key=key, match=self.m.MatchValue(value=value))
+
+    def at_least(self, key: str, value: int) -> Any:
+        return self.m.FieldCondition(key=key, range=self.m.Range(gte=value))
+
+    def at_most(self, key: str, value: int) -> Any:
+        return self.m.FieldCondition(key=key, range=self.m.Range(lte=value))
+
+    def empty(self, key: str) -> Any:
+        return self.m.IsEmptyCondition(is_empty=self.m.PayloadField(key=key))
+
+    def where(self, *, must: Sequence[Any] = (), should: Sequence[Any] = (), must_not: Sequence[Any] = ()) -> Any:
+        return self.m.Filter(must=list(must) or None, should=list(should) or None, must_not=list(must_not) or None)

@@ -7,6 +7,7 @@ on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import asyncio
 import logging
 import os
@@ -370,34 +371,23 @@ def _add_dlq(command: argparse.ArgumentParser) -> None:
     _escape_percent(replay)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(parse: type, *, least: float, strict: bool, what: str):  # type: ignore[no-untyped-def]
+    """An argparse type: `parse(text)` at least `least` (above it when `strict`), refused in one line naming `what`."""
+    def convert(text: str):  # type: ignore[no-untyped-def]
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < least or (strict and value == least):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return convert
 
 
-def _offset(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an offset (0 or more), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an offset (0 or more), got {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
+_positive_int = _number(int, least=0, strict=True, what="a positive integer")
+_offset = _number(int, least=0, strict=False, what="an offset (0 or more)")
+_seconds = _number(float, least=0, strict=True, what="a positive number of seconds")
 
 
 def _timeout_argument(command: argparse.ArgumentParser, what: str) -> None:

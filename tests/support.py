@@ -94,6 +94,16 @@ def start_services() -> Services:
     return Services(kafka, redis_url, qdrant_url, kind, stack, broker, redis)
 
 
+TEXTS = [
+    "The espresso machine works exactly as described.",
+    "Hello, I was charged twice for the same order.",
+    "The city council approved a new budget for road repairs.",
+    "Whisk the eggs with a pinch of salt before folding in the flour.",
+    "Rate limits apply per API key and reset at the start of every minute.",
+]
+"""Five texts of unrelated topics (no two embed alike)."""
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 

@@ -7,17 +7,10 @@ import orjson
 import pytest
 
 from schemas import point_id
-from support import committed_offsets, event, make_cache, make_settings, make_sink, produce, read_topic, running_worker, wait_until
+from support import TEXTS, committed_offsets, event, make_cache, make_settings, make_sink, produce, read_topic, running_worker, wait_until
 
 pytestmark = pytest.mark.integration
 
-TEXTS = [
-    "The espresso machine works exactly as described.",
-    "Hello, I was charged twice for the same order.",
-    "The city council approved a new budget for road repairs.",
-    "Whisk the eggs with a pinch of salt before folding in the flour.",
-    "Rate limits apply per API key and reset at the start of every minute.",
-]
 
 
 async def test_valid_duplicate_and_malformed_events(services, embedder):

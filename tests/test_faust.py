@@ -22,17 +22,10 @@ import pytest
 
 from schemas import point_id
 from streams.config import OPTIONS, Settings
-from support import committed_offsets, event, make_settings, make_sink, produce, read_topic, wait_until
+from support import TEXTS, committed_offsets, event, make_settings, make_sink, produce, read_topic, wait_until
 
 pytestmark = pytest.mark.integration
 
-TEXTS = [
-    "The espresso machine works exactly as described.",
-    "Hello, I was charged twice for the same order.",
-    "The city council approved a new budget for road repairs.",
-    "Whisk the eggs with a pinch of salt before folding in the flour.",
-    "Rate limits apply per API key and reset at the start of every minute.",
-]
 
 MALFORMED: list[bytes | None] = [b"not json", b"[1, 2]", b'{"id": "x"}', b"\xff\xfe", b'{"id": "x", "op": "merge"}']
 MALFORMED_KINDS = ["invalid_json", "not_an_object", "missing_text", "invalid_utf8", "invalid_op"]

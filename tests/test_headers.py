@@ -90,3 +90,79 @@ async def test_buffered_bytes_count_the_headers_held_with_a_message():
         assert worker.finish.buffered_bytes >= len(value) + 4000
         gate.set()
         await until(lambda: worker.unfinished() == 0, "finished")
+
+
+async def test_a_dead_letter_with_a_megabyte_header_goes_out_and_is_committed():
+    broker = MemoryBroker()
+    broker.refuse_larger_than = 1_048_576
+    settings = memory_settings(broker, pass_headers="x-tenant")
+    tp = TopicPartition(settings.input_topic, 0)
+    async with worker_on(broker, settings):
+        broker.append(settings.input_topic, b"{not json", key=b"a",
+                      headers=(("traceparent", b"f" * 1_100_000), ("x-tenant", b"t" * 1_100_000)))
+        await until(lambda: broker.committed(settings.group_id, tp) == 1, "committed")
+    (letter,) = broker.records(settings.dlq_topic)
+    assert letter.headers == ()
+
+
+async def test_a_dead_letter_refused_with_its_headers_loses_them_first_then_its_payload(caplog):
+    broker = MemoryBroker()
+    broker.refuse_larger_than = 1000  # a bare dead letter fits; one with its payload or a 3 KB header does not
+    settings = memory_settings(broker, pass_headers="x-tenant")
+    tp = TopicPartition(settings.input_topic, 0)
+    async with worker_on(broker, settings):
+        broker.append(settings.input_topic, b"{not json" + b" " * 2000, key=b"a", headers=(("x-tenant", b"t" * 3000),))
+        await until(lambda: broker.committed(settings.group_id, tp) == 1, "committed")
+    (letter,) = broker.records(settings.dlq_topic)
+    assert letter.headers == () and len(letter.value) <= 1000
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("the broker refused" in m and "without its copied headers" in m for m in messages)
+    assert any("the broker refused" in m and "without its payload" in m for m in messages)
+
+
+async def test_the_client_refusing_a_record_is_named_and_the_record_goes_without_its_headers(caplog):
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    from streams.steps.publish import OutRecord, Publisher
+
+    sent: list[tuple[bytes, tuple]] = []
+
+    async def send(topic, key, value, headers=()):
+        if headers:  # as aiokafka's `send` does past `max_request_size`: raised before anything is queued
+            raise MessageSizeTooLargeError("The message is larger than the maximum request size")
+        sent.append((value, headers))
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+    await Publisher(send=send).publish([OutRecord("out", b"a", b"result", headers=(("x-tenant", b"t" * 100),))])
+    assert sent == [(b"result", ())]
+    assert any("the client refused" in r.getMessage() and "without its copied headers" in r.getMessage() for r in caplog.records)
+
+
+async def test_records_are_sized_before_sending_as_send_many_skips_the_clients_check(caplog):
+    from streams.steps.publish import OutRecord, Publisher
+
+    batches: list[list[tuple]] = []
+
+    async def send_many(topic, records):
+        # aiokafka's `send_batch` path: a batch always takes its first record, whatever its size
+        batches.append(list(records))
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return [(list(range(len(records))), future)]
+
+    async def send(topic, key, value, headers=()):
+        raise AssertionError("send_many covers these")
+
+    publisher = Publisher(send=send, send_many=send_many, max_record_bytes=1000)
+    await publisher.publish([
+        OutRecord("out", b"a", b"small", headers=(("x-tenant", b"t" * 100),)),
+        OutRecord("out", b"b", b"r" * 500, headers=(("x-tenant", b"t" * 3000),)),
+        OutRecord("out", b"c", b"p" * 5000, fallback=b"bare", kind="dead_letter"),
+    ])
+    (batch,) = batches
+    assert batch == [(b"a", b"small", (("x-tenant", b"t" * 100),)), (b"b", b"r" * 500, ()), (b"c", b"bare", ())]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("result" in m and "without its copied headers" in m for m in messages)
+    assert any("dead letter" in m and "without its payload" in m for m in messages)

@@ -8,13 +8,15 @@ where the cache is involved; the embedder is the no-I/O `WordEmbedder`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from typing import Any, AsyncIterator
 
 import numpy as np
 import pytest
 
 from fakes import DIM, WordEmbedder
-from processors.cache import RedisCache, encode_vector
+from processors.cache import RedisCache
 from processors.embedder import Embeddings
 from processors.errors import SinkConfigError
 from processors.pipeline import Pipeline, PipelineHooks
@@ -25,6 +27,19 @@ from test_edge_sink import KINDS, make
 pytestmark = pytest.mark.parametrize("kind", KINDS)
 
 LONG = " ".join(f"word{i}" for i in range(12))  # 3 chunks at max_tokens 6 (4 words a chunk, 1 of overlap)
+
+
+@contextlib.asynccontextmanager
+async def started(kind: str, tmp_path, embedder, **options) -> AsyncIterator[tuple[Pipeline, Any]]:
+    """A started pipeline on a fresh collection of `kind`; both closed after."""
+    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
+    pipeline = Pipeline(embedder=embedder, sink=sink, **options)
+    try:
+        await pipeline.start()
+        yield pipeline, sink
+    finally:
+        await pipeline.close()
+        await sink.close()
 
 
 def upsert(doc_id: str, text: str) -> InputEvent:
@@ -65,10 +80,7 @@ def _WrongSize(vectors, wrong, truncated) -> Embeddings:
 
 
 async def test_an_id_with_a_hash_never_names_another_documents_chunk(kind, tmp_path):
-    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
-    pipeline = Pipeline(embedder=WordEmbedder(max_tokens=6), sink=sink)
-    await pipeline.start()
-    try:
+    async with started(kind, tmp_path, WordEmbedder(max_tokens=6)) as (pipeline, sink):
         await pipeline.process([upsert("a#1", "alone")])
         await pipeline.process([upsert("a", LONG)])
         chunks = len((await stored_ids(sink))["a"])
@@ -79,9 +91,6 @@ async def test_an_id_with_a_hash_never_names_another_documents_chunk(kind, tmp_p
         await pipeline.process([upsert("b", LONG)])
         await pipeline.process([upsert("b#2", "second")])
         assert await stored_ids(sink) == {"a": list(range(chunks)), "b": list(range(chunks)), "b#2": [0]}
-    finally:
-        await pipeline.close()
-        await sink.close()
 
 
 async def test_a_collection_with_the_old_chunk_ids_is_refused_naming_reembed(kind, tmp_path):
@@ -101,11 +110,9 @@ async def test_a_collection_with_the_old_chunk_ids_is_refused_naming_reembed(kin
 
 @pytest.mark.parametrize("poison", ["nan", "inf", "not_unit", "garbage_of_the_right_size"])
 async def test_a_poisoned_cache_value_is_a_miss_and_embedded_again(kind, tmp_path, services, poison):
-    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
     cache = RedisCache(url=services.redis_url, prefix=f"test:{uuid.uuid4().hex}:")
     refused: list[int] = []
     embedder = WordEmbedder()
-    pipeline = Pipeline(embedder=embedder, sink=sink, cache=cache, hooks=PipelineHooks(on_cache_invalid=refused.append))
     text = "a text someone poisoned"
     values = {
         "nan": np.full(DIM, np.nan, dtype=np.float32),
@@ -114,55 +121,39 @@ async def test_a_poisoned_cache_value_is_a_miss_and_embedded_again(kind, tmp_pat
         "garbage_of_the_right_size": np.frombuffer(b"\xff" * (4 * DIM), dtype=np.float32),
     }
     await cache.set_many([(content_hash(embedder.name, text), values[poison])])
-    await pipeline.start()
+    hooks = PipelineHooks(on_cache_invalid=refused.append)
     try:
-        (outcome,) = await asyncio.wait_for(pipeline.process([upsert("p", text)]), timeout=20)
-        assert outcome.result is not None and outcome.result.cached is False
-        (point,) = await sink.points()
-        assert np.isfinite(point.vector).all() and abs(float(np.linalg.norm(point.vector)) - 1) < 1e-3
-        assert refused == [1]
-        (healed,) = await cache.get_many([content_hash(embedder.name, text)], DIM)
-        assert healed is not None and np.isfinite(healed).all()  # the fill replaced the poison
+        async with started(kind, tmp_path, embedder, cache=cache, hooks=hooks) as (pipeline, sink):
+            (outcome,) = await asyncio.wait_for(pipeline.process([upsert("p", text)]), timeout=20)
+            assert outcome.result is not None and outcome.result.cached is False
+            (point,) = await sink.points()
+            assert np.isfinite(point.vector).all() and abs(float(np.linalg.norm(point.vector)) - 1) < 1e-3
+            assert refused == [1]
+            (healed,) = await cache.get_many([content_hash(embedder.name, text)], DIM)
+            assert healed is not None and np.isfinite(healed).all()  # the fill replaced the poison
     finally:
-        await pipeline.close()
         await cache.close()
-        await sink.close()
 
 
 async def test_a_non_finite_model_output_is_that_texts_dead_letter(kind, tmp_path):
-    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
-    pipeline = Pipeline(embedder=HostileEmbedder(), sink=sink, embed_retry_seconds=0.05)
-    await pipeline.start()
-    try:
+    async with started(kind, tmp_path, HostileEmbedder(), embed_retry_seconds=0.05) as (pipeline, sink):
         outcomes = await asyncio.wait_for(
             pipeline.process([upsert("ok-1", "fine text"), upsert("bad", "an OVERFLOW here"), upsert("ok-2", "also fine")]), timeout=20
         )
         assert [o.error_kind for o in outcomes] == [None, "embed_failed", None]
         assert "non-finite" in (outcomes[1].error_message or "")
         assert sorted(await stored_ids(sink)) == ["ok-1", "ok-2"]
-    finally:
-        await pipeline.close()
-        await sink.close()
 
 
 async def test_a_batch_of_one_refused_document_is_its_dead_letter(kind, tmp_path):
-    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
-    pipeline = Pipeline(embedder=HostileEmbedder(), sink=sink)
-    await pipeline.start()
-    try:
+    async with started(kind, tmp_path, HostileEmbedder()) as (pipeline, sink):
         (outcome,) = await asyncio.wait_for(pipeline.process([upsert("bad", "WRONGDIM first of all")]), timeout=20)
         assert outcome.error_kind == "store_rejected" and "dimension" in (outcome.error_message or "").lower()
-    finally:
-        await pipeline.close()
-        await sink.close()
 
 
 async def test_a_document_the_store_refuses_is_its_dead_letter_and_the_rest_are_written(kind, tmp_path):
-    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
     rejected: list[int] = []
-    pipeline = Pipeline(embedder=HostileEmbedder(), sink=sink, hooks=PipelineHooks(on_store_rejected=rejected.append))
-    await pipeline.start()
-    try:
+    async with started(kind, tmp_path, HostileEmbedder(), hooks=PipelineHooks(on_store_rejected=rejected.append)) as (pipeline, sink):
         events = [upsert(f"ok-{i}", f"fine text {i}") for i in range(5)]
         events.insert(2, upsert("bad", "WRONGDIM text"))
         outcomes = await asyncio.wait_for(pipeline.process(events), timeout=20)
@@ -171,20 +162,14 @@ async def test_a_document_the_store_refuses_is_its_dead_letter_and_the_rest_are_
         assert set(kinds.values()) == {None}
         assert sorted(await stored_ids(sink)) == sorted(f"ok-{i}" for i in range(5))
         assert rejected == [1]
-    finally:
-        await pipeline.close()
-        await sink.close()
 
 
 async def test_a_deleted_collection_is_an_outage_not_dead_letters(kind, tmp_path):
     """Every document fails for a reason that is not theirs: held and retried, nothing dead-lettered."""
     if kind == "edge":
         pytest.skip("a qdrant-edge shard cannot be deleted under an open sink")
-    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
     states: list[bool] = []
-    pipeline = Pipeline(embedder=WordEmbedder(), sink=sink, hooks=PipelineHooks(on_sink_state=states.append))
-    await pipeline.start()
-    try:
+    async with started(kind, tmp_path, WordEmbedder(), hooks=PipelineHooks(on_sink_state=states.append)) as (pipeline, sink):
         await sink._call(sink._client.delete_collection, sink.collection)
         task = asyncio.create_task(pipeline.process([upsert(f"doc-{i}", f"text {i}") for i in range(3)]))
         deadline = asyncio.get_running_loop().time() + 10
@@ -197,9 +182,6 @@ async def test_a_deleted_collection_is_an_outage_not_dead_letters(kind, tmp_path
         outcomes = await asyncio.wait_for(task, timeout=30)
         assert [o.error_kind for o in outcomes] == [None, None, None]
         assert sorted(await stored_ids(sink)) == ["doc-0", "doc-1", "doc-2"]
-    finally:
-        await pipeline.close()
-        await sink.close()
 
 
 # ---- writes that cannot go backwards (the version guard) ----------------------------------------
@@ -249,19 +231,13 @@ async def test_an_older_write_never_lands_over_a_newer_one(kind, tmp_path):
 
 async def test_versions_of_different_partitions_are_not_compared(kind, tmp_path):
     """A keyless producer spreads an id over partitions: there the last write wins, as without the guard."""
-    sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
-    pipeline = Pipeline(embedder=WordEmbedder(), sink=sink)
-    await pipeline.start()
-    try:
+    async with started(kind, tmp_path, WordEmbedder()) as (pipeline, sink):
         await pipeline.process([upsert("k", "from partition zero")], versions=[v(100, "in/0")])
         await pipeline.process([upsert("k", "from partition one")], versions=[v(3, "in/1")])
         assert (await stored_state(sink))["k"] == (1, 3, "from partition one")
         await pipeline.process([upsert("legacy", "unversioned")])
         await pipeline.process([upsert("legacy", "versioned now")], versions=[v(1)])
         assert (await stored_state(sink))["legacy"] == (1, 1, "versioned now")
-    finally:
-        await pipeline.close()
-        await sink.close()
 
 
 async def test_the_engine_itself_refuses_an_older_upsert(kind, tmp_path):

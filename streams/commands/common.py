@@ -105,6 +105,28 @@ async def _high_watermarks(reader: Any, tps: Sequence[Any], timeout: float) -> t
     return dict(beginning), {tp: int(reader.highwater(tp)) for tp in tps}
 
 
+class IdleFetch:
+    """Fetch rounds of a group-less reader that give up after `timeout` seconds without a record."""
+
+    def __init__(self, reader: Any, topic: str, timeout: float) -> None:
+        self.reader, self.topic, self.timeout = reader, topic, timeout
+        self._idle_deadline = time.monotonic() + timeout
+
+    async def __call__(self, todo: set[Any], max_records: int) -> dict[Any, list[Any]]:
+        from aiokafka.errors import KafkaError
+
+        try:
+            fetched = await self.reader.getmany(*todo, timeout_ms=500, max_records=max_records)
+        except KafkaError as exc:
+            raise UserError(f"reading {self.topic!r} failed: {type(exc).__name__}: {_one_line(exc)}") from None
+        if any(fetched.values()):
+            self._idle_deadline = time.monotonic() + self.timeout
+        elif time.monotonic() > self._idle_deadline:
+            left = ", ".join(str(tp.partition) for tp in sorted(todo, key=lambda t: t.partition))
+            raise UserError(f"no records from partition(s) {left} of {self.topic!r} for {self.timeout:g}s")
+        return fetched
+
+
 def _reader(settings: Settings, timeout: float, **overrides: Any) -> Any:
     """A group-less consumer (assigns, never joins or commits)."""
     from streams.backends.kafka import make_consumer

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from streams.config import Settings
 from streams.commands.common import (
-    DEFAULT_TIMEOUT_SECONDS, UserError, _high_watermarks, _one_line, _reader, _start_client, _stop_quietly, _topic_partitions,
+    DEFAULT_TIMEOUT_SECONDS, IdleFetch, UserError, _high_watermarks, _one_line, _reader, _start_client, _stop_quietly, _topic_partitions,
 )
 from streams.terminal import printable
 
@@ -122,17 +122,9 @@ async def replay_dead_letters(
             producer = make_producer(settings, request_timeout_ms=int(timeout * 1000) + 5000, client_id="embedworker-dlq")
             await _start_client(producer, settings, timeout)
         chosen = 0  # replays sent or (dry run) due: what --limit counts
-        idle_deadline = time.monotonic() + timeout
+        fetch = IdleFetch(reader, settings.dlq_topic, timeout)
         while todo and not report.stopped_at_limit:
-            try:
-                fetched = await reader.getmany(*todo, timeout_ms=500, max_records=500)
-            except KafkaError as exc:
-                raise UserError(f"reading {settings.dlq_topic!r} failed: {type(exc).__name__}: {_one_line(exc)}") from None
-            if any(fetched.values()):
-                idle_deadline = time.monotonic() + timeout
-            elif time.monotonic() > idle_deadline:
-                left = ", ".join(str(tp.partition) for tp in sorted(todo, key=lambda t: t.partition))
-                raise UserError(f"no records from partition(s) {left} of {settings.dlq_topic!r} for {timeout:g}s")
+            fetched = await fetch(todo, 500)
             for tp, records in fetched.items():
                 stop = highwater[tp]  # the end as of start: replays that fail again land past it
                 for record in records:

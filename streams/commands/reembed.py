@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, NamedTuple, Sequence
 
 from streams.config import Settings
-from streams.commands.common import DEFAULT_TIMEOUT_SECONDS, UserError, _high_watermarks, _load_embedder, _one_line, _open_sink, _progress, _reader, _sibling, _start_client, _stop_quietly, _topic_partitions, _vector_size
+from streams.commands.common import DEFAULT_TIMEOUT_SECONDS, IdleFetch, UserError, _high_watermarks, _load_embedder, _open_sink, _progress, _reader, _sibling, _start_client, _stop_quietly, _topic_partitions, _vector_size
 
 
 
@@ -189,8 +188,6 @@ async def _topic_batches(
 ) -> AsyncIterator[list[Any]]:
     """Decoded events of [start, end) of each partition (end: the high watermark at start-up), each with
     the version the worker gives it (its offset in its partition), so the copy and the live stream agree."""
-    from aiokafka.errors import KafkaError
-
     from schemas import InvalidEvent, Limits, Version, decode_input
 
     reader = _reader(settings, timeout, max_partition_fetch_bytes=max(1_048_576, settings.max_message_bytes + 1024))
@@ -216,17 +213,9 @@ async def _topic_batches(
             reader.pause(*done)
         limits = Limits(max_message_bytes=settings.max_message_bytes, max_text_bytes=settings.max_text_bytes)
         events: list[Any] = []
-        idle_deadline = time.monotonic() + timeout
+        fetch = IdleFetch(reader, topic, timeout)
         while todo:
-            try:
-                fetched = await reader.getmany(*todo, timeout_ms=500, max_records=batch_size)
-            except KafkaError as exc:
-                raise UserError(f"reading {topic!r} failed: {type(exc).__name__}: {_one_line(exc)}") from None
-            if any(fetched.values()):
-                idle_deadline = time.monotonic() + timeout
-            elif time.monotonic() > idle_deadline:
-                left = ", ".join(str(tp.partition) for tp in sorted(todo, key=lambda t: t.partition))
-                raise UserError(f"no records from partition(s) {left} of {topic!r} for {timeout:g}s")
+            fetched = await fetch(todo, batch_size)
             for tp, messages in fetched.items():
                 stop = ranges[tp.partition][1]
                 for message in messages:

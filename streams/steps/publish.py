@@ -132,12 +132,12 @@ class Publisher:
                 elif record.fallback is not None:
                     log.error(
                         "%s refused a %d-byte dead letter for %s (%s); sending it without its payload",
-                        who, len(record.value), record.topic, type(outcome).__name__,
+                        who, record_size(record), record.topic, type(outcome).__name__,
                     )
                     retry.append(replace(record, value=record.fallback, fallback=None))
                 else:
                     raise PublishError(
-                        f"{who} refused a {len(record.value)}-byte record for {record.topic} "
+                        f"{who} refused a {record_size(record)}-byte {record.kind.replace('_', ' ')} for {record.topic} "
                         f"({type(outcome).__name__}: {outcome}); it cannot be retried, stopping"
                     )
             if retriable is not None:
@@ -161,6 +161,8 @@ class Publisher:
                         record_size(record), record.kind.replace("_", " "), record.topic, self.max_record_bytes)
             record = replace(record, headers=())
         if record_size(record) > self.max_record_bytes and record.fallback is not None:
+            log.warning("a %d-byte %s for %s goes without its payload (limit %d bytes)",
+                        record_size(record), record.kind.replace("_", " "), record.topic, self.max_record_bytes)
             record = replace(record, value=record.fallback, fallback=None)
         return record
 
