@@ -264,6 +264,10 @@ class EdgeSink(ThreadedStore):
 
     # ---- ChunkEngine primitives (on the executor thread) -------------------------------------
 
+    @property
+    def vector_dim(self) -> int | None:
+        return self._shared.dims.get(self.collection)
+
     def stored_heads(self, doc_ids: Sequence[str]) -> dict[str, StoredHead]:
         by_point = {point_id(d): d for d in doc_ids}
         stored = self._open().retrieve(list(by_point), with_payload=True, with_vector=False)

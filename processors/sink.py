@@ -171,6 +171,8 @@ class ChunkEngine(Protocol):
     """
 
     collection: str
+    vector_dim: int | None
+    """The collection's vector size once known (`ensure_collection`); None: not checked here."""
 
     def stored_heads(self, doc_ids: Sequence[str]) -> dict[str, StoredHead]:
         """Each stored document's chunk 0 (absent: not stored)."""
@@ -213,7 +215,7 @@ def replace_chunks(engine: ChunkEngine, writes: Sequence[DocumentWrite]) -> int:
         fresh = [w for w in writes if not is_stale(w, heads.get(w.doc_id))]
         points = [p for w in fresh for p in w.points]
         if points:
-            check_vectors(points)
+            check_vectors(points, engine.vector_dim)
         targets = [w for w in fresh if not w.points or _count(heads.get(w.doc_id)) > len(w.points)]
         if targets:  # never an empty filter: it would match every point
             engine.delete_chunks(targets)
@@ -283,11 +285,15 @@ def version_payload(version: Version | None) -> dict[str, Any]:
     return {VERSION_FIELD: version.value, VERSION_SOURCE_FIELD: version.source}
 
 
-def check_vectors(points: Sequence[Point]) -> None:
-    """Refuse a non-finite vector before it reaches an engine (a NaN point is never found by search)."""
+def check_vectors(points: Sequence[Point], dim: int | None) -> None:
+    """Refuse a vector that is not finite (a NaN point is never found by search) or not of the
+    collection's size, before anything is sent: an engine that writes point by point would
+    otherwise keep a refused document's other chunks."""
     for p in points:
-        if not np.isfinite(p.vector).all():
-            raise StoreRejected(f"the vector of chunk {p.payload.get('chunk_index', 0)} of {p.payload.get('id')!r} is not finite")
+        vector = np.asarray(p.vector)
+        if (dim is not None and vector.shape != (dim,)) or not np.isfinite(vector).all():
+            what = f"of size {vector.size}, the collection's is {dim}" if dim is not None and vector.shape != (dim,) else "not finite"
+            raise StoreRejected(f"the vector of chunk {p.payload.get('chunk_index', 0)} of {p.payload.get('id')!r} is {what}")
 
 
 LEGACY_ID_SAMPLE = 64
@@ -417,6 +423,7 @@ class QdrantSink(ThreadedStore):
         if url and path:
             raise SinkConfigError("give a Qdrant url or a path, not both")
         self.collection = collection
+        self._dims: dict[str, int] = {}  # by collection, shared with `for_collection` views
         self.sparse = sparse
         self._bm25 = bm25_encoder(sparse)  # before the client: a missing qdrant-edge fails first
         self.payload_indexes = {**PAYLOAD_INDEXES, **(payload_indexes or {})}
@@ -498,6 +505,11 @@ class QdrantSink(ThreadedStore):
 
         await self._call(ensure)
         await self._call(index)
+        self._dims[self.collection] = dim
+
+    @property
+    def vector_dim(self) -> int | None:
+        return self._dims.get(self.collection)
 
     def _structs(self, points: Sequence[Point]) -> list[Any]:
         """Engine points, sparse vectors included (on the sink thread: BM25 holds the GIL, a batch at a time)."""

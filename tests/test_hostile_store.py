@@ -148,7 +148,11 @@ async def test_a_non_finite_model_output_is_that_texts_dead_letter(kind, tmp_pat
 async def test_a_batch_of_one_refused_document_is_its_dead_letter(kind, tmp_path):
     async with started(kind, tmp_path, HostileEmbedder()) as (pipeline, sink):
         (outcome,) = await asyncio.wait_for(pipeline.process([upsert("bad", "WRONGDIM first of all")]), timeout=20)
-        assert outcome.error_kind == "store_rejected" and "dimension" in (outcome.error_message or "").lower()
+        assert outcome.error_kind == "store_rejected" and "of size 11" in (outcome.error_message or "")
+        # Refused before anything was sent: none of its chunks is stored (the local engine writes point by point).
+        (outcome,) = await pipeline.process([upsert("long-bad", "WRONGDIM " + " ".join(f"w{i}" for i in range(30)))])
+        assert outcome.error_kind == "store_rejected"
+        assert await stored_ids(sink) == {}
 
 
 async def test_a_document_the_store_refuses_is_its_dead_letter_and_the_rest_are_written(kind, tmp_path):
