@@ -1,8 +1,10 @@
-"""The pipeline's error types, in one module every layer above may import.
+"""The project's error types, in one module every layer may import.
 
-Owns: what can go wrong in the embedder, the cache and the store, named so the runtime can
-tell a deployment error (stop, one line), an outage (hold and retry) and a bad document (its
-dead letter) apart. Must not: import anything of the project (it is the bottom of `processors`).
+Owns: what can go wrong in the embedder, the cache, the store and the worker, named so the
+runtime can tell a deployment error (stop, one line), an outage (hold and retry) and a bad
+document (its dead letter) apart. Must not: import anything of the project (it is the bottom).
+(`schemas.InvalidEvent` stays with the codecs that raise it; `streams.config.ConfigError` with
+the settings table.)
 """
 
 from __future__ import annotations
@@ -31,3 +33,11 @@ class EmbeddingServerError(Exception):
 
 class ModelRefusesEverything(Exception):
     """The model (an embedding server) refuses the probe text too: a deployment error, held like an outage."""
+
+
+class WorkerError(Exception):
+    """A fault the worker cannot go on from; it stops and the next start replays."""
+
+
+class PublishError(WorkerError):
+    """A record neither the client nor the broker will ever accept (not retriable) and that has no smaller form."""

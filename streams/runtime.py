@@ -29,6 +29,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
 from processors.embedder import estimate_tokens
+from processors.errors import PublishError, WorkerError
 from processors.pipeline import LONG_TEXT_CHUNK, Pipeline
 from schemas import REPLAY_COUNT_HEADER, InputEvent, copied_headers, headers_size, passed_header_names
 from streams.backends import Backend
@@ -44,7 +45,6 @@ from streams.metrics import Metrics
 from streams.offsets import OffsetTracker
 from streams.steps import Fetched
 from streams.steps.chain import ChainHooks, build_chain
-from streams.steps.publish import PublishError as _PublishError
 from streams.telemetry import RunStats, Telemetry, WorkerObserver
 from streams.tracing import Tracing
 
@@ -53,14 +53,6 @@ log = logging.getLogger(__name__)
 _POLL_SECONDS = 0.1
 
 __all__ = ["Fetched", "PublishError", "RunStats", "Worker", "WorkerError", "WorkerObserver"]
-
-
-class WorkerError(Exception):
-    """A fault the worker cannot go on from; it stops and the next start replays."""
-
-
-class PublishError(WorkerError, _PublishError):
-    """A record the broker will never accept (not retriable) and that has no smaller form."""
 
 
 class _RebalanceListener(ConsumerRebalanceListener):
@@ -264,8 +256,6 @@ class Worker:
             await self.pipeline.close()
         if isinstance(self._fatal, WorkerError):
             raise self._fatal
-        if isinstance(self._fatal, _PublishError):
-            raise PublishError(str(self._fatal)) from None
         if self._fatal is not None:
             raise WorkerError(f"worker stopped on an unexpected error: {self._fatal!r}") from self._fatal
 
@@ -332,7 +322,7 @@ class Worker:
         self.decode.submit(item)
 
     def _fail(self, exc: BaseException | None) -> None:
-        if isinstance(exc, (WorkerError, _PublishError)):
+        if isinstance(exc, WorkerError):
             log.error("stopping: %s", exc)  # a known fault: one line, no traceback
         else:
             log.error("stopping on an unexpected error", exc_info=exc)

@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from aiokafka.errors import KafkaError
 
 from processors.backoff import Backoff
+from processors.errors import PublishError
 from processors.ordering import Sequencer, Turn
 from processors.pipeline import Outcome
 from schemas import SourcePosition, encode_dead_letter, headers_size
@@ -31,10 +32,6 @@ _MAX_KEY_BYTES = 4096
 MAX_RECORD_BYTES = 1_000_000
 """Records are kept under Kafka's default `message.max.bytes` (1,048,588) with room for the batch overhead."""
 _RECORD_OVERHEAD_BYTES = 64
-
-
-class PublishError(Exception):
-    """A record the broker will never accept (not retriable) and that has no smaller form."""
 
 
 @dataclass(frozen=True, slots=True)
