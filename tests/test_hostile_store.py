@@ -249,6 +249,7 @@ async def test_the_engine_itself_refuses_an_older_upsert(kind, tmp_path):
     from processors.sink import DocumentWrite, version_payload
 
     sink = make(kind, tmp_path, f"c{uuid.uuid4().hex[:6]}")
+    sink.conditional_writes = True  # what a server gets by default
     try:
         await sink.ensure_collection(DIM)
         vector = np.eye(DIM, dtype=np.float32)[0]
