@@ -206,6 +206,20 @@ OPTIONS: tuple[Option, ...] = (
            "Tokens a chunk repeats from the end of the previous one (at most half a chunk is used)"),
     Option("embed_retry_seconds", 1.0, _RETRY_SECONDS,
            "How long a failing batch is retried before a probe text tells a poison text from a model outage"),
+    Option("input_format", "json", _choice("json", "debezium"),
+           "How a record is read: json (the native event, or mapped by the *_FROM settings) or debezium (change events: "
+           "c/r/u upsert the row in after, d deletes the row of before, t is refused)"),
+    Option("id_from", "", _text,
+           "Where the id is read: a dotted path (doc_id, after.id), key (the record key), or key.<path> (a JSON key's "
+           "field); numbers become their decimal text (default: id)"),
+    Option("text_from", "", _text,
+           "Where the text is read: a path, paths joined by a blank line (title,body), or a template ({title}\\n\\n{body}); "
+           "a missing field is an empty part (default: text)"),
+    Option("metadata_from", "", _text,
+           "Where the metadata is read: metadata (the object, default) or paths and trailing wildcards (lang,tags,author.*)"),
+    Option("version_from", "", _text,
+           "The event's own version for the version guard: a path or header:<name>, alternatives with | "
+           "(default: the input offset; debezium: source.lsn|source.ts_ms)"),
     Option("pass_headers", "", _text,
            "Input Kafka headers copied onto the result and the dead letter, comma-separated (traceparent/tracestate always)"),
     Option("dlq_max_payload_bytes", 64 * 1024, _int_in(0, _MESSAGE_BYTES, "bytes"),
@@ -294,6 +308,11 @@ class Settings:
     dlq_window: int
     dlq_max_consecutive: int
     pass_headers: str
+    input_format: str
+    id_from: str
+    text_from: str
+    metadata_from: str
+    version_from: str
     embed_retry_seconds: float
     model: str
     device: str
@@ -349,6 +368,16 @@ class Settings:
 
 
 def _check(settings: Settings) -> None:
+    from schemas.mapping import parse_mapping
+
+    try:
+        parse_mapping(
+            input_format=settings.input_format, id_from=settings.id_from, text_from=settings.text_from,
+            metadata_from=settings.metadata_from, version_from=settings.version_from,
+        )
+    except ValueError as exc:
+        setting = str(exc).split(":", 1)[0].upper() if ":" in str(exc) else "INPUT_FORMAT"
+        raise ConfigError(f"EMBEDWORKER_{setting}", str(exc)) from None
     if settings.batch_min_messages > settings.batch_max_messages:
         raise ConfigError("EMBEDWORKER_BATCH_MIN_MESSAGES", "is above EMBEDWORKER_BATCH_MAX_MESSAGES")
     if settings.batch_min_tokens > settings.batch_max_tokens:

@@ -123,7 +123,9 @@ class Worker:
             ),
             metrics=self.metrics, live=self.live, on_trip=self._apply_flow,
         )
-        self._pass_headers = passed_header_names(settings.pass_headers, REPLAY_COUNT_HEADER)
+        # A version read from a header is held with the message like the headers that travel.
+        version_headers = ",".join(p[7:] for p in settings.version_from.split("|") if p.startswith("header:"))
+        self._pass_headers = passed_header_names(f"{settings.pass_headers},{version_headers}", REPLAY_COUNT_HEADER)
         t = self.telemetry
         chain = build_chain(
             settings, pipeline=pipeline, tracker=self.tracker, producer=lambda: self._producer, tracing=self.tracing,

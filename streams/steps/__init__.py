@@ -105,6 +105,8 @@ class Fetched:
     event: InputEvent | None = None
     headers: tuple[tuple[str, bytes], ...] = ()
     """The input's Kafka headers that are carried over to its result or dead letter."""
+    version: int | None = None
+    """The event's own version (`EMBEDWORKER_VERSION_FROM`); None: its offset orders it."""
 
     @property
     def message_id(self) -> str:

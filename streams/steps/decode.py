@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from schemas import InputEvent, InvalidEvent, Limits, decode_input
+from schemas import InputEvent, InvalidEvent, Limits
+from schemas.mapping import Mapping, decode_record
 from streams.steps import Fetched, Inline
 from streams.steps.batch import Batch
 from streams.steps.publish import DeadLetters
@@ -17,12 +18,14 @@ from streams.steps.publish import DeadLetters
 class Decode(Inline):
     def __init__(
         self, *, next_step: Batch, dead_letters: DeadLetters, limits: Limits, tokens: Callable[[InputEvent], int],
+        mapping: Mapping = Mapping(),
         on_decoded: Callable[[Fetched], None] = lambda item: None,
         on_key_mismatch: Callable[[Fetched], None] = lambda item: None,
     ) -> None:
         self.next_step = next_step
         self.dead_letters = dead_letters
         self.limits = limits
+        self.mapping = mapping
         self.tokens = tokens
         # Told here, in offset order, like the dead letters: the breaker counts both in one sequence.
         self.on_decoded = on_decoded
@@ -30,13 +33,14 @@ class Decode(Inline):
 
     def submit(self, item: Fetched) -> None:
         try:
-            item.event = decode_input(item.value, self.limits, key=item.key)
+            decoded = decode_record(item.value, item.key, item.headers, self.mapping, self.limits)
         except InvalidEvent as exc:
             self.dead_letters.submit([(item, exc.kind, exc.message)])
             return
+        item.event, item.version = decoded.event, decoded.version
         self.on_decoded(item)
         key = item.key
-        if key is not None and key != item.event.id.encode("utf-8", "surrogatepass"):
+        if key is not None and self.mapping.native and key != item.event.id.encode("utf-8", "surrogatepass"):
             # Per-id order needs key = id: a keyed upsert of another key may land on another
             # partition than the same id's tombstone, and the two can then swap.
             self.on_key_mismatch(item)

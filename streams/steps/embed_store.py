@@ -78,7 +78,7 @@ class EmbedAndStore:
                     [item.event for item in batch],  # type: ignore[misc]
                     turn=write_turn,
                     live=lambda index: self.live(batch[index]),
-                    versions=[Version(f"{i.tp.topic}/{i.tp.partition}", i.offset) for i in batch] if self.versioned else None,
+                    versions=[version_of(i) for i in batch] if self.versioned else None,
                 )
             finally:
                 write_turn.end()
@@ -105,6 +105,13 @@ class EmbedAndStore:
     def close(self) -> None:
         """Cancel what is still in flight: abandoned, uncommitted, replayed by the next owner."""
         self.running.close()
+
+
+def version_of(item: Fetched) -> Version:
+    """The event's own version (`user`), else its offset within its partition."""
+    if item.version is not None:
+        return Version("user", item.version)
+    return Version(f"{item.tp.topic}/{item.tp.partition}", item.offset)
 
 
 def positions(batch: list[Fetched]) -> str:
