@@ -24,6 +24,7 @@ from processors.embedder import Embedder, SentenceTransformerEmbedder
 from processors.errors import SinkConfigError
 from processors.pipeline import Pipeline, PipelineHooks
 from processors.sink import QdrantSink, VectorSink, parse_payload_indexes
+from schemas.mapping import Mapping, parse_mapping
 from streams.config import Settings
 from streams.metrics import Metrics
 
@@ -35,6 +36,14 @@ log = logging.getLogger(__name__)
 
 NO_CACHE: Any = object()
 """Pass as `cache` for a run without the Redis cache even when `redis_url` is set."""
+
+
+def build_mapping(settings: Settings) -> Mapping:
+    """How records are read (`EMBEDWORKER_INPUT_FORMAT` and the `*_FROM` settings): the worker, Faust and reembed."""
+    return parse_mapping(
+        input_format=settings.input_format, id_from=settings.id_from, text_from=settings.text_from,
+        metadata_from=settings.metadata_from, version_from=settings.version_from,
+    )
 
 
 def build_embedder(settings: Settings, *, model: str | None = None) -> Embedder:

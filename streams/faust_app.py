@@ -75,7 +75,9 @@ from processors.cache import VectorCache
 from processors.embedder import Embedder
 from processors.pipeline import Outcome, Pipeline
 from processors.sink import VectorSink
-from schemas import REPLAY_COUNT_HEADER, InvalidEvent, Limits, SourcePosition, copied_headers, decode_input, passed_header_names
+from schemas import REPLAY_COUNT_HEADER, InvalidEvent, Limits, SourcePosition, copied_headers, passed_header_names
+from schemas.mapping import decode_record
+from streams.assembly import build_mapping
 from streams.config import ConfigError, Settings, load_settings
 from streams.backends.kafka import security_kwargs
 from streams.steps.publish import OutRecord, Publisher, dead_letter_record, split_outcomes
@@ -137,6 +139,7 @@ class _Runtime:
         # a refused dead letter sent without its payload, anything else a stop.
         self.publisher = Publisher(send=self._send)
         self._pass_headers = passed_header_names(settings.pass_headers, REPLAY_COUNT_HEADER)
+        self.mapping = build_mapping(settings)
 
     async def start(self) -> Pipeline:
         async with self._start_lock:
@@ -175,7 +178,7 @@ class _Runtime:
         failures: list[tuple[Any, str, str]] = []
         for message in messages:
             try:
-                valid.append((message, decode_input(message.value, self.limits, key=message.key)))
+                valid.append((message, decode_record(message.value, message.key, self._headers(message), self.mapping, self.limits).event))
             except InvalidEvent as exc:
                 failures.append((message, exc.kind, exc.message))
 
@@ -198,11 +201,14 @@ class _Runtime:
             message.decref()  # take_events' own ack now makes them committable
         log.debug("batch of %d: %d results, %d dead letters", len(messages), len(results), len(failures))
 
+    @staticmethod
+    def _headers(message: Any) -> Any:
+        headers = message.headers or ()
+        return list(headers.items()) if isinstance(headers, dict) else headers
+
     def _copied(self, message: Any) -> tuple[tuple[str, bytes], ...]:
         """The input's headers that travel onto its result or dead letter: the same rule as the main runtime."""
-        headers = message.headers or ()
-        items = headers.items() if isinstance(headers, dict) else headers
-        return copied_headers(items, self._pass_headers, replay_header=REPLAY_COUNT_HEADER)[0]
+        return copied_headers(self._headers(message), self._pass_headers, replay_header=REPLAY_COUNT_HEADER)[0]
 
     def _send(self, topic: str, key: bytes | None, value: bytes, headers: Any = ()) -> Any:
         # force: publish now, never as a Faust "attachment" held until commit.

@@ -188,7 +188,11 @@ async def _topic_batches(
 ) -> AsyncIterator[list[Any]]:
     """Decoded events of [start, end) of each partition (end: the high watermark at start-up), each with
     the version the worker gives it (its offset in its partition), so the copy and the live stream agree."""
-    from schemas import InvalidEvent, Limits, Version, decode_input
+    from schemas import InvalidEvent, Limits, Version
+    from schemas.mapping import decode_record
+    from streams.assembly import build_mapping
+
+    mapping = build_mapping(settings)
 
     reader = _reader(settings, timeout, max_partition_fetch_bytes=max(1_048_576, settings.max_message_bytes + 1024))
     await _start_client(reader, settings, timeout)
@@ -223,8 +227,10 @@ async def _topic_batches(
                         break
                     report.read += 1
                     try:
-                        event = decode_input(message.value, limits, key=message.key)
-                        events.append((event, Version(f"{tp.topic}/{tp.partition}", message.offset)))
+                        decoded = decode_record(message.value, message.key, message.headers or (), mapping, limits)
+                        own = decoded.version
+                        version = Version("user", own) if own is not None else Version(f"{tp.topic}/{tp.partition}", message.offset)
+                        events.append((decoded.event, version))
                     except InvalidEvent:
                         report.skipped += 1
                 if tp in todo and await reader.position(tp) >= stop:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from processors.pipeline import Outcome, Pipeline
 from schemas import InputEvent, Limits
-from schemas.mapping import parse_mapping
+from streams.assembly import build_mapping
 from streams.batching import BatchPolicy, Batcher
 from streams.config import Settings
 from streams.offsets import OffsetTracker
@@ -94,12 +94,8 @@ def build_chain(
     batch = Batch(batcher=batcher, next_step=embed_store)
     embed_store.when_a_slot_frees(batch.poll)
     limits = Limits(max_message_bytes=settings.max_message_bytes, max_text_bytes=settings.max_text_bytes)
-    mapping = parse_mapping(
-        input_format=settings.input_format, id_from=settings.id_from, text_from=settings.text_from,
-        metadata_from=settings.metadata_from, version_from=settings.version_from,
-    )
     decode = Decode(
-        next_step=batch, dead_letters=dead_letters, limits=limits, tokens=hooks.tokens, mapping=mapping,
+        next_step=batch, dead_letters=dead_letters, limits=limits, tokens=hooks.tokens, mapping=build_mapping(settings),
         on_decoded=hooks.on_valid, on_key_mismatch=hooks.on_key_mismatch,
     )
     return Chain(decode, batch, embed_store, publish, dead_letters, finish, publisher, batcher)
