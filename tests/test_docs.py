@@ -1,4 +1,4 @@
-"""The README's configuration table is the options table: a new setting cannot go undocumented."""
+"""The configuration table in docs/configuration.md is the options table: a new setting cannot go undocumented."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from pathlib import Path
 
 from streams.config import markdown_table
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+CONFIGURATION = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
-def test_readme_configuration_table_matches_the_options():
-    text = README.read_text(encoding="utf-8")
-    assert markdown_table() in text, "README's configuration table is stale: paste streams.config.markdown_table()"
+def test_configuration_table_matches_the_options():
+    text = CONFIGURATION.read_text(encoding="utf-8")
+    assert markdown_table() in text, (
+        "docs/configuration.md's configuration table is stale: paste streams.config.markdown_table()"
+    )

@@ -13,7 +13,7 @@ import pytest
 
 from streams.config import OPTIONS, ConfigError, Option, Range, load_settings
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+CONFIGURATION = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 NUMERIC = [option for option in OPTIONS if isinstance(option.default, (int, float)) and not isinstance(option.default, bool)]
 
@@ -73,8 +73,8 @@ def _text(value: float, bounds: Range) -> str:
 @pytest.mark.parametrize("option", NUMERIC, ids=_ids(NUMERIC))
 def test_the_default_is_inside_its_range_and_documented(option):
     assert option.parse.check(option.default) == option.default
-    row = next(line for line in README.read_text(encoding="utf-8").splitlines() if f"| `{option.env}` |" in line)
-    assert option.parse.span() in row, f"README does not state the range of {option.env}"
+    row = next(line for line in CONFIGURATION.read_text(encoding="utf-8").splitlines() if f"| `{option.env}` |" in line)
+    assert option.parse.span() in row, f"docs/configuration.md does not state the range of {option.env}"
 
 
 def test_the_defaults_load():

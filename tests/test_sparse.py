@@ -213,7 +213,7 @@ def test_the_sparse_setting_and_its_readme_row():
     with pytest.raises(ConfigError, match="EMBEDWORKER_SPARSE"):
         load_settings({}, environ={"EMBEDWORKER_SPARSE": "splade"})
     (row,) = [line for line in markdown_table().splitlines() if "`EMBEDWORKER_SPARSE`" in line]
-    assert row in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert row in (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
 
 
 # ---- the command line --------------------------------------------------------------------------
