@@ -89,7 +89,7 @@ class EdgeSink(ThreadedStore):
       dense-only shard is then a `SinkConfigError`.
     - `conditional_writes`: the version guard also inside the engine (off: a shard is one
       process's and every write goes through this sink's one thread, so the read of chunk 0
-      before a write is exact; the condition costs ~1.5x per batch).
+      before a write is exact; the condition costs ~1.5x per batch: `python -m bench.host_costs`).
     """
 
     def __init__(

@@ -185,10 +185,6 @@ class Worker:
         return self.fencing.live(item)
 
     @property
-    def _epochs(self) -> dict[TopicPartition, int]:
-        return self.fencing.epochs
-
-    @property
     def flow(self) -> Any:
         """The `FlowController` (its `paused` and `active` reasons)."""
         return self.backpressure.flow

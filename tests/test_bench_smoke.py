@@ -80,3 +80,15 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     table = (out / "README-table.md").read_text()
     assert table.count("\n|") >= 6 and "pipeline, short" in table
     assert "targets passed" in proc.stdout
+
+
+def test_host_costs_writes_its_figures_with_their_baselines(tmp_path):
+    import json
+
+    from bench import host_costs
+
+    assert host_costs.main(["--calls", "200", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "host_costs.json").read_text())
+    assert result["decode"]["debezium_ratio"] > 0 and result["decode"]["refused_0_8_mb_us"] > 0
+    for kind in ("memory", "edge"):
+        assert set(result["version_guard"][kind]) == {"unguarded_ms", "guarded_ms", "ratio", "conditional_upsert_ms", "conditional_upsert_ratio"}

@@ -223,9 +223,9 @@ async def test_held_messages_of_a_revoked_partition_are_released_to_the_next_own
         await until(lambda: sample("embedworker_dead_letter_breaker_held_messages") == 4, "four held")
         await until(lambda: broker.committed(settings.group_id, tp) == 1, "the one dead letter committed")
         assert worker.unfinished() == 4
-        epoch = worker._epochs[tp]  # noqa: SLF001
+        epoch = worker.fencing.epochs[tp]
         broker.rebalance(settings.group_id)  # revoked and (the only member) assigned again
-        await until(lambda: worker._epochs.get(tp, epoch) != epoch, "the new assignment")  # noqa: SLF001
+        await until(lambda: worker.fencing.epochs.get(tp, epoch) != epoch, "the new assignment")
         # Released, not finished: the buffer is empty again, the commit did not move, and the
         # still-open breaker keeps the partition paused instead of fetching them again.
         assert worker.unfinished() == 0 and sample("embedworker_dead_letter_breaker_held_messages") == 0

@@ -1,0 +1,120 @@
+"""`python -m bench.host_costs`: per-message costs of the decode step and the store's version guard.
+
+Each figure is measured beside its baseline in the same run, and reported as a ratio:
+- decode: a mapped flat event and a Debezium change event against the native event;
+- hostile decode: a ~0.8 MB message of tiny nested arrays (refused before parsing) and one
+  just under the container cap, against the native event;
+- version guard: 256 updates a batch with versions against the same batches without, on
+  qdrant-client's in-memory engine and qdrant-edge (no model: the no-I/O word embedder); and
+  with the guard also as the engine's conditional upsert (what a server gets), which the
+  embedded stores leave off.
+
+Writes <out>/host_costs.json (default bench/results/tmp/) and prints it. Numbers are this
+machine's; the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def per_call_us(function: Callable[[], Any], calls: int) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
+        function()
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def decode_costs(calls: int) -> dict[str, Any]:
+    from schemas import InvalidEvent
+    from schemas.mapping import Mapping, decode_record, parse_mapping
+
+    native = orjson.dumps({"id": "kb-17", "text": "Reset a password. Open settings and choose security.", "metadata": {"lang": "en"}})
+    flat = orjson.dumps({"doc_id": "kb-17", "title": "Reset a password", "body": "Open settings and choose security.", "lang": "en"})
+    debezium = orjson.dumps({"before": None, "after": {"id": 42, "title": "Reset a password", "body": "Open settings and choose security.",
+                                                       "lang": "en"}, "op": "c", "source": {"lsn": 100, "ts_ms": 1}})
+    flat_mapping = parse_mapping(id_from="doc_id", text_from="title,body", metadata_from="lang")
+    debezium_mapping = parse_mapping(input_format="debezium", text_from="{title}\\n\\n{body}", metadata_from="lang")
+
+    def padded(arrays: int) -> bytes:
+        return orjson.dumps({"id": "x", "text": "hello", "ignored": [[[1], [2]] for _ in range(arrays // 3)]})
+
+    def hostile(raw: bytes) -> Callable[[], None]:
+        def call() -> None:
+            try:
+                decode_record(raw, None, (), Mapping())
+            except InvalidEvent:
+                pass
+        return call
+
+    base = per_call_us(lambda: decode_record(native, None, (), Mapping()), calls)
+    costs = {
+        "native_us": base,
+        "mapped_flat_us": per_call_us(lambda: decode_record(flat, None, (), flat_mapping), calls),
+        "debezium_us": per_call_us(lambda: decode_record(debezium, b'{"id": 42}', (), debezium_mapping), calls),
+        "refused_0_8_mb_us": per_call_us(hostile(padded(240_000)), 20),
+        "under_the_cap_us": per_call_us(hostile(padded(49_800)), 20),
+    }
+    return {**costs, **{k.replace("_us", "_ratio"): v / base for k, v in costs.items() if k != "native_us"}}
+
+
+async def guard_costs(rounds: int, batch: int) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fakes import WordEmbedder
+    from processors.edge_sink import EdgeSink
+    from processors.pipeline import Pipeline
+    from processors.sink import QdrantSink
+    from schemas import InputEvent, Version
+
+    async def run(kind: str, versioned: bool, in_engine: bool = False) -> float:
+        directory = tempfile.mkdtemp(prefix="embedworker-guard-")
+        sink = QdrantSink(collection="g") if kind == "memory" else EdgeSink(collection="g", path=directory)
+        sink.conditional_writes = in_engine
+        pipeline = Pipeline(embedder=WordEmbedder(max_tokens=64), sink=sink)
+        await pipeline.start()
+        total = 0.0
+        for r in range(rounds):
+            events = [InputEvent(id=f"d{i}", text=f"text {i} round {r}") for i in range(batch)]
+            versions = [Version("t/0", r * batch + i) for i in range(batch)] if versioned else None
+            started = time.perf_counter()
+            await pipeline.process(events, versions=versions)
+            total += time.perf_counter() - started
+        await pipeline.close()
+        await sink.close()
+        return total / rounds * 1000
+
+    result: dict[str, Any] = {"batch": batch, "rounds": rounds}
+    for kind in ("memory", "edge"):
+        plain, guarded, in_engine = await run(kind, False), await run(kind, True), await run(kind, True, in_engine=True)
+        result[kind] = {"unguarded_ms": plain, "guarded_ms": guarded, "ratio": guarded / plain,
+                        "conditional_upsert_ms": in_engine, "conditional_upsert_ratio": in_engine / plain}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.host_costs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=50_000, help="decode calls per event kind (default 50,000)")
+    parser.add_argument("--rounds", type=int, default=8, help="batches of 256 updates per store (default 8)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tmp")
+    args = parser.parse_args(argv)
+    result = {"decode": decode_costs(args.calls), "version_guard": asyncio.run(guard_costs(args.rounds, 256))}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "host_costs.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
