@@ -22,7 +22,6 @@ COPY pyproject.toml README.md* ./
 COPY schemas/ schemas/
 COPY processors/ processors/
 COPY streams/ streams/
-COPY bench/ bench/
 RUN pip install --no-deps . \
     && embedworker --help >/dev/null
 

@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> int:
     from bench import report
     from bench.harness import Context
-    from bench.scenarios import SCENARIOS
+    from bench.registry import scenario
 
     log = logging.getLogger("bench")
     out: Path = args.out
@@ -74,7 +74,7 @@ async def run(args: argparse.Namespace) -> int:
             began = time.monotonic()
             began_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             try:
-                body = await SCENARIOS[name](ctx)
+                body = await scenario(name)(ctx)
             except Exception:
                 failures += 1
                 log.error("scenario %s failed:\n%s", name, traceback.format_exc())

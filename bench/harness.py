@@ -603,16 +603,18 @@ async def run_worker_backlog(
     ids: Sequence[str] | None = None,
     sink_kind: str | None = None,
     after: Callable[[Any], Awaitable[Any]] | None = None,
+    encode: Callable[[Sequence[str], str, Sequence[str] | None], list[bytes]] | None = None,
 ) -> dict[str, Any]:
     """Produce `texts` as a backlog, start the Worker, time first consumed -> last acked.
 
-    `ids`: the events' ids (default `collection-i`); `sink_kind`: see `WorkerParts`;
+    `ids`: the events' ids (default `collection-i`); `encode(texts, prefix, ids)`: the records
+    (default `encode_events`, the native contract); `sink_kind`: see `WorkerParts`;
     `after(sink)`: awaited once the backlog is stored, before the sink closes (its result: "after").
     """
     from streams.metrics import Metrics
 
     settings = await new_settings(ctx, **(settings_overrides or {}))
-    await produce_backlog(settings, encode_events(texts, settings.collection, ids))
+    await produce_backlog(settings, (encode or encode_events)(texts, settings.collection, ids))
     parts = WorkerParts(ctx, settings, sink_kind)
     metrics = Metrics()
     timed = TimedEmbedder(embedder or ctx.embedder)

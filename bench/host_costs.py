@@ -7,9 +7,12 @@ Each figure is measured beside its baseline in the same run, and reported as a r
 - version guard: 256 updates a batch with versions against the same batches without, on
   qdrant-client's in-memory engine and qdrant-edge (no model: the no-I/O word embedder); and
   with the guard also as the engine's conditional upsert (what a server gets), which the
-  embedded stores leave off.
+  embedded stores leave off;
+- metadata-only updates: a stream of updates that change only metadata (same texts), with
+  payload-only writes on against the same stream with them off (every update writes its
+  vector), on both engines; the same stream with a cache in front is what a worker sees.
 
-Writes <out>/host_costs.json (default bench/results/tmp/) and prints it. Numbers are this
+Writes <out>/host_costs.json and host_costs.png (default bench/results/tmp/) and prints the JSON. Numbers are this
 machine's; the ratios are what to compare.
 """
 
@@ -71,7 +74,7 @@ def decode_costs(calls: int) -> dict[str, Any]:
 
 async def guard_costs(rounds: int, batch: int) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "tests"))
-    from fakes import WordEmbedder
+    from doubles import WordEmbedder
     from processors.edge_sink import EdgeSink
     from processors.pipeline import Pipeline
     from processors.sink import QdrantSink
@@ -102,6 +105,72 @@ async def guard_costs(rounds: int, batch: int) -> dict[str, Any]:
     return result
 
 
+async def metadata_only_costs(rounds: int, batch: int) -> dict[str, Any]:
+    """Per batch of `batch` metadata-only updates: pipeline time with payload-only writes on and off."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from doubles import WordEmbedder
+    from processors.edge_sink import EdgeSink
+    from processors.pipeline import Pipeline, PipelineHooks
+    from processors.sink import QdrantSink
+    from schemas import InputEvent, Version
+
+    texts = [f"document {i} about resetting a password in the settings page" for i in range(batch)]
+
+    async def run(kind: str, payload_only: bool) -> tuple[float, int]:
+        directory = tempfile.mkdtemp(prefix="embedworker-meta-")
+        sink = QdrantSink(collection="m") if kind == "memory" else EdgeSink(collection="m", path=directory)
+        sink.payload_only_writes = payload_only
+        kept: list[int] = []
+        pipeline = Pipeline(embedder=WordEmbedder(max_tokens=64), sink=sink, hooks=PipelineHooks(on_payload_only=kept.append))
+        await pipeline.start()
+        await pipeline.process([InputEvent(id=f"d{i}", text=t, metadata={"rev": 0}) for i, t in enumerate(texts)])
+        total = 0.0
+        for r in range(1, rounds + 1):
+            events = [InputEvent(id=f"d{i}", text=t, metadata={"rev": r, "lang": "en"}) for i, t in enumerate(texts)]
+            versions = [Version("t/0", r * batch + i) for i in range(batch)]
+            started = time.perf_counter()
+            await pipeline.process(events, versions=versions)
+            total += time.perf_counter() - started
+        await pipeline.close()
+        await sink.close()
+        return total / rounds * 1000, sum(kept)
+
+    result: dict[str, Any] = {"batch": batch, "rounds": rounds}
+    for kind in ("memory", "edge"):
+        (full, _), (kept, count) = await run(kind, False), await run(kind, True)
+        result[kind] = {"vector_written_ms": full, "payload_only_ms": kept, "ratio": kept / full,
+                        "payload_only_writes": count, "updates": rounds * batch}
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """One bar per measured ratio (each against its same-run baseline, drawn at 1.0)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot (pip install 'embedworker[bench]')", file=sys.stderr)
+        return
+    bars: dict[str, float] = {}
+    for name, value in result["decode"].items():
+        if name.endswith("_ratio"):
+            bars[f"decode: {name.removesuffix('_ratio')}"] = value
+    for kind in ("memory", "edge"):
+        bars[f"guard ({kind})"] = result["version_guard"][kind]["ratio"]
+        bars[f"metadata-only ({kind})"] = result["metadata_only"][kind]["ratio"]
+    figure, axes = plt.subplots(figsize=(8, 0.45 * len(bars) + 1.2))
+    axes.barh(list(bars), list(bars.values()), color="#4878a8")
+    axes.axvline(1.0, color="black", linewidth=0.8)
+    axes.set_xscale("log")
+    axes.set_xlabel("time per message or batch, ratio to the same run's baseline (log)")
+    axes.invert_yaxis()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.host_costs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8, help="batches of 256 updates per store (default 8)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tmp")
     args = parser.parse_args(argv)
-    result = {"decode": decode_costs(args.calls), "version_guard": asyncio.run(guard_costs(args.rounds, 256))}
+    result = {"decode": decode_costs(args.calls), "version_guard": asyncio.run(guard_costs(args.rounds, 256)),
+              "metadata_only": asyncio.run(metadata_only_costs(args.rounds, 256))}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host_costs.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    plot(result, args.out / "host_costs.png")
     print(json.dumps(result, indent=2))
     return 0
 

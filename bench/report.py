@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ORDER = ["ceiling", "pipeline", "naive", "duplicates", "mixed_lengths", "profile", "latency", "overhead", "chunking", "http", "processes", "recall"]
+ORDER = ["ceiling", "pipeline", "naive", "duplicates", "mixed_lengths", "profile", "latency", "overhead", "chunking", "http", "processes", "recall", "mapping"]
 
 
 def _clean(value: Any) -> Any:
@@ -192,6 +192,12 @@ def plot(name: str, result: dict[str, Any], path: Path) -> None:
             f"{many} worker processes, one group": [[r["many_rate"] for r in reps]],
         }, "messages / s")
         ax.set_title(f"Worker processes on one host: {result['ratios']['speedup']:.2f}x with {many}")
+    elif name == "mapping":
+        arms = ["native", "flat", "debezium"]
+        _bars(ax, ["native {id, text}", "flat JSON, mapped", "Debezium, mapped"],
+              {"Worker end to end, tiny model": [[r[a]["rate"] for r in reps] for a in arms]}, "messages / s")
+        ax.set_title(f"Mapping: flat {result['ratios']['flat_over_native']:.2f}x, Debezium "
+                     f"{result['ratios']['debezium_over_native']:.2f}x native events")
     elif name == "http" and reps:
         _bars(ax, ["short texts, infinity-emb on the CPU"], {
             "server driven directly (32/request, 4 in flight)": [[r["direct_rate"] for r in reps]],

@@ -49,7 +49,7 @@ from processors.threaded import ThreadedStore
 from processors.sink import (
     INDEX_KINDS, LEGACY_ID_SAMPLE, MODEL_SAMPLE, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredHead,
     StoredPoint, check_id_scheme, check_model, check_sparse_config, engine_vectors, replace_chunks, split_vector, stored_head,
-    surplus_filter, upsert_condition,
+    WriteReport, replaceable, surplus_filter, upsert_condition,
 )
 from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder
 from schemas import point_id
@@ -87,6 +87,8 @@ class EdgeSink(ThreadedStore):
       loss can take and how much WAL the next start replays.
     - `sparse`: `off` (default) or `bm25`: a BM25 vector per point beside the dense one; a
       dense-only shard is then a `SinkConfigError`.
+    - `payload_only_writes`: an update of a one-chunk document with unchanged text rewrites only
+      its payload (default on; `processors.sink.keeps_vector`).
     - `conditional_writes`: the version guard also inside the engine (off: a shard is one
       process's and every write goes through this sink's one thread, so the read of chunk 0
       before a write is exact; the condition costs ~1.5x per batch: `python -m bench.host_costs`).
@@ -94,7 +96,7 @@ class EdgeSink(ThreadedStore):
 
     def __init__(
         self, *, collection: str, path: str, flush_interval_seconds: float = 5.0, payload_indexes: dict[str, str] | None = None,
-        sparse: str = SPARSE_OFF, conditional_writes: bool = False,
+        sparse: str = SPARSE_OFF, conditional_writes: bool = False, payload_only_writes: bool = True,
     ) -> None:
         import qdrant_edge  # noqa: F401  (fail at construction when the package is missing)
 
@@ -108,6 +110,7 @@ class EdgeSink(ThreadedStore):
         self.payload_indexes = {**PAYLOAD_INDEXES, **(payload_indexes or {})}
         self.sparse = sparse
         self.conditional_writes = conditional_writes
+        self.payload_only_writes = payload_only_writes
         self._bm25 = bm25_encoder(sparse)
         self._shared = _Shared(os.path.abspath(path), flush_interval_seconds)
 
@@ -196,7 +199,7 @@ class EdgeSink(ThreadedStore):
         shared.last_flush[self.collection] = time.monotonic()
         return shard
 
-    # ---- the VectorSink interface ----------------------------------------------------------
+    # ---- the StoreWriter interface ----------------------------------------------------------
 
     async def vector_size(self) -> int | None:
         """The collection's vector size, or None when it does not exist."""
@@ -235,34 +238,20 @@ class EdgeSink(ThreadedStore):
 
         await self._call(ensure)
 
-    async def upsert(self, points: Sequence[Point]) -> None:
-        import qdrant_edge as qe
-
-        if not points:
-            return
-
-        def upsert() -> None:
-            shard = self._open()
-            structs = self._structs(points)
-            shard.update(qe.UpdateOperation.upsert_points(structs))  # checks the dimension itself
-            self._maybe_flush(shard)
-
-        await self._call(upsert)
-
     def _structs(self, points: Sequence[Point]) -> list[Any]:
         """Engine points, sparse vectors included (on the sink thread: BM25 holds the GIL, a batch at a time)."""
         import qdrant_edge as qe
 
         return [qe.Point(p.id, vector, p.payload) for p, vector in zip(points, engine_vectors(points, self._bm25, qe.SparseVector))]
 
-    async def write(self, writes: Sequence[DocumentWrite]) -> int:
+    async def write(self, writes: Sequence[DocumentWrite]) -> WriteReport:
         if not writes:
-            return 0
+            return WriteReport()
 
-        def write() -> int:
-            skipped = replace_chunks(self, writes)
+        def write() -> WriteReport:
+            report = replace_chunks(self, writes, payload_only=self.payload_only_writes)
             self._maybe_flush(self._open())
-            return skipped
+            return report
 
         return await self._call(write)
 
@@ -288,6 +277,19 @@ class EdgeSink(ThreadedStore):
         condition = upsert_condition(_EdgeTerms(), writes) if self.conditional_writes else None
         # The engine checks the dimension itself.
         self._open().update(qe.UpdateOperation.upsert_points(self._structs(points), condition=condition))
+
+    def overwrite_payloads(self, writes: Sequence[DocumentWrite]) -> None:
+        import qdrant_edge as qe
+
+        shard, t = self._open(), _EdgeTerms()
+        for w in writes:
+            point = w.points[0]
+            if self.conditional_writes and w.version is not None:
+                # One chunk: chunk 0 of this id, where the stored version is not newer.
+                only = t.where(must=[t.match("id", w.doc_id), t.match("chunk_index", 0), *replaceable(t, w)])
+                shard.update(qe.UpdateOperation.overwrite_payload_by_filter(only, point.payload))
+            else:
+                shard.update(qe.UpdateOperation.overwrite_payload([point.id], point.payload))
 
     def sample_chunks(self, limit: int, *, from_index: int = 1) -> list[tuple[str, dict[str, Any]]]:
         import qdrant_edge as qe
@@ -346,16 +348,6 @@ class EdgeSink(ThreadedStore):
         import qdrant_edge as qe
 
         return int(await self._call(lambda: self._open().count(qe.CountRequest(exact=True))))
-
-    async def retrieve(self, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
-        if not ids:
-            return {}
-        records = await self._call(lambda: self._open().retrieve(list(ids), with_payload=True, with_vector=True))
-        return {str(r.id): (split_vector(r.vector)[0], dict(r.payload or {})) for r in records}  # type: ignore[misc]
-
-    async def scroll_ids(self) -> list[str]:
-        """Every point id (for tests and re-embedding)."""
-        return [p.id for p in await self.points(with_vectors=False)]
 
     async def search(self, vector: np.ndarray, limit: int = 5) -> list[Hit]:
         import qdrant_edge as qe

@@ -30,7 +30,7 @@ from processors.chunking import Chunk, plan_chunks
 from processors.embedder import Embedder
 from processors.errors import ModelRefusesEverything, StoreRejected
 from processors.ordering import Sequencer, Turn
-from processors.sink import DocumentWrite, Point, VectorSink, version_payload
+from processors.sink import DocumentWrite, Point, StoreWriter, version_payload
 from schemas import DeleteResult, InputEvent, ResultEvent, Version, content_hash, normalize_text, point_id
 
 __all__ = ["Backoff", "LONG_TEXT_CHUNK", "LONG_TEXT_TRUNCATE", "Outcome", "Pipeline", "PipelineHooks"]
@@ -64,6 +64,8 @@ class PipelineHooks:
     on_store_rejected: Callable[[int], None] = lambda documents: None
     on_stale: Callable[[int], None] = lambda documents: None
     """Writes skipped because the store held a newer version of the document (never an error)."""
+    on_payload_only: Callable[[int], None] = lambda documents: None
+    """Updates whose text was unchanged: the payload rewritten, the stored vector kept."""
     phase: Callable[[str], ContextManager[Any]] = lambda name: contextlib.nullcontext()
     """A context around each phase (cache.lookup, embed, cache.fill, store.write): tracing spans."""
 
@@ -88,7 +90,7 @@ class Pipeline:
         self,
         *,
         embedder: Embedder,
-        sink: VectorSink,
+        sink: StoreWriter,
         cache: VectorCache | None = None,
         store_text: bool = True,
         embed_attempts: int = 2,
@@ -454,10 +456,12 @@ class Pipeline:
         started = time.perf_counter()
         with self.hooks.phase("store.write"):
             self._writing = asyncio.ensure_future(self.sink.write([w for _, w in writes]))
-            stale = await asyncio.shield(self._writing)
+            report = await asyncio.shield(self._writing)
         self.hooks.on_upsert(sum(len(w.points) for _, w in writes), time.perf_counter() - started)
-        if stale:
-            self.hooks.on_stale(stale)
+        if report.stale:
+            self.hooks.on_stale(report.stale)
+        if report.payload_only:
+            self.hooks.on_payload_only(report.payload_only)
 
     async def _isolate_rejected(
         self, writes: Sequence[tuple[int, DocumentWrite]], live: Callable[[int], bool] | None

@@ -53,10 +53,12 @@ class DocumentWrite:
 
 @dataclass(frozen=True, slots=True)
 class StoredHead:
-    """What chunk 0 of a stored document says: how many chunks it has and the version that wrote it."""
+    """What chunk 0 of a stored document says: how many chunks it has, the version that wrote it
+    and the hash of its text (the cache key: model and normalized text)."""
 
     chunk_count: int
     version: Version | None
+    content_hash: str | None = None
 
 
 VERSION_FIELD = "version"
@@ -66,7 +68,29 @@ VERSION_SOURCE_FIELD = "version_source"
 def stored_head(payload: dict[str, Any]) -> StoredHead:
     value, source = payload.get(VERSION_FIELD), payload.get(VERSION_SOURCE_FIELD)
     version = Version(source, value) if isinstance(value, int) and isinstance(source, str) else None
-    return StoredHead(int(payload.get("chunk_count", 1)), version)
+    digest = payload.get("content_hash")
+    return StoredHead(int(payload.get("chunk_count", 1)), version, digest if isinstance(digest, str) else None)
+
+
+def keeps_vector(write: DocumentWrite, head: StoredHead | None) -> bool:
+    """Whether `write` changes only the payload of what is stored: one chunk then and now, the same text hash.
+
+    Only single-chunk documents qualify: their one point is chunk 0, which was just read, so
+    the vector a payload rewrite keeps is there. A multi-chunk document is rewritten whole (a
+    crash inside an earlier write may have left a later chunk missing, which only a full
+    write restores).
+    """
+    if head is None or head.content_hash is None or head.chunk_count != 1 or len(write.points) != 1:
+        return False
+    return write.points[0].payload.get("content_hash") == head.content_hash
+
+
+@dataclass(frozen=True, slots=True)
+class WriteReport:
+    """What a store write did besides writing: documents skipped as stale, documents whose vector was kept."""
+
+    stale: int = 0
+    payload_only: int = 0
 
 
 def is_stale(write: DocumentWrite, head: StoredHead | None) -> bool:
@@ -187,6 +211,10 @@ class ChunkEngine(Protocol):
         """Upsert the points of `writes`, each point only where the stored one is not newer (see above)."""
         ...
 
+    def overwrite_payloads(self, writes: Sequence[DocumentWrite]) -> None:
+        """Replace the whole payload of each write's one point, keeping its vectors (see `keeps_vector`)."""
+        ...
+
     def sample_chunks(self, limit: int, *, from_index: int = 1) -> list[tuple[str, dict[str, Any]]]:
         """Up to `limit` (point id, payload) of stored chunks with `chunk_index` >= `from_index` (start-up checks)."""
         ...
@@ -196,11 +224,13 @@ class ChunkEngine(Protocol):
         ...
 
 
-def replace_chunks(engine: ChunkEngine, writes: Sequence[DocumentWrite]) -> int:
+def replace_chunks(engine: ChunkEngine, writes: Sequence[DocumentWrite], *, payload_only: bool = True) -> WriteReport:
     """Apply document writes (at most one per id): upsert their chunks, remove every other chunk of those ids.
 
-    Returns how many writes were skipped as stale: the stored document is newer in the same
-    source (a replay, a zombie writer after a rebalance, a slow backfill). Their state stays.
+    Returns how many writes were skipped as stale (the stored document is newer in the same
+    source: a replay, a zombie writer after a rebalance, a slow backfill; their state stays),
+    and how many changed only the payload of a stored one-chunk document with the same text
+    (`keeps_vector`): given `payload_only`, those rewrite the payload and keep the vector.
 
     Chunk 0 names how many chunks a document has (an upper bound: surplus chunks go before new
     ones are written, so a crash in between leaves it right). Only a document that may hold more
@@ -214,6 +244,11 @@ def replace_chunks(engine: ChunkEngine, writes: Sequence[DocumentWrite]) -> int:
     try:
         heads = engine.stored_heads([w.doc_id for w in writes])
         fresh = [w for w in writes if not is_stale(w, heads.get(w.doc_id))]
+        kept = [w for w in fresh if keeps_vector(w, heads.get(w.doc_id))] if payload_only else []
+        if kept:
+            engine.overwrite_payloads(kept)
+            unchanged = {w.doc_id for w in kept}
+            fresh = [w for w in fresh if w.doc_id not in unchanged]
         points = [p for w in fresh for p in w.points]
         if points:
             check_vectors(points, engine.vector_dim)
@@ -228,7 +263,7 @@ def replace_chunks(engine: ChunkEngine, writes: Sequence[DocumentWrite]) -> int:
         if engine.is_permanent(exc):
             raise StoreRejected(" ".join(f"{type(exc).__name__}: {exc}".split())[:500]) from exc
         raise
-    return len(writes) - len(fresh)
+    return WriteReport(stale=len(writes) - len(fresh) - len(kept), payload_only=len(kept))
 
 
 class FilterTerms(Protocol):
@@ -343,13 +378,16 @@ def check_id_scheme(collection: str, samples: Sequence[tuple[str, dict[str, Any]
             )
 
 
-class VectorSink(Protocol):
-    """The one store interface every engine implements (Qdrant server, qdrant-client local, qdrant-edge)."""
+class StoreWriter(Protocol):
+    """What the write path needs from a store (the worker, Faust, reembed's target, dlq replay).
+
+    Every engine implements it (Qdrant server, qdrant-client local, qdrant-edge) by providing the
+    `ChunkEngine` primitives; `write` is `replace_chunks` over them, written once."""
 
     collection: str
     location: str
 
-    def for_collection(self, collection: str) -> "VectorSink":
+    def for_collection(self, collection: str) -> "StoreWriter":
         """The same engine on another collection (close only the original)."""
         ...
 
@@ -362,21 +400,17 @@ class VectorSink(Protocol):
         given `model`, that no other model's points are in it (`SinkConfigError`)."""
         ...
 
-    async def upsert(self, points: Sequence[Point]) -> None: ...
-
-    async def write(self, writes: Sequence[DocumentWrite]) -> int:
-        """Apply document writes (at most one per id, see `replace_chunks`); returns how many were stale and skipped."""
+    async def write(self, writes: Sequence[DocumentWrite]) -> WriteReport:
+        """Apply document writes (at most one per id, see `replace_chunks`): how many were stale, how many kept their vector."""
         ...
 
-    async def count(self) -> int: ...
+    async def healthy(self) -> bool: ...
 
-    async def points(self, *, with_vectors: bool = True) -> list[StoredPoint]:
-        """Every point (tests, re-embedding, checks)."""
-        ...
+    async def close(self) -> None: ...
 
-    async def retrieve(self, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]: ...
 
-    async def scroll_ids(self) -> list[str]: ...
+class StoreSearch(Protocol):
+    """What `embedworker search` and the recall bench need: dense, sparse and hybrid queries."""
 
     async def search(self, vector: np.ndarray, limit: int = 5) -> list[Hit]: ...
 
@@ -392,9 +426,19 @@ class VectorSink(Protocol):
         """Dense and sparse candidates (`limit` each) fused by reciprocal rank fusion (constant `k`)."""
         ...
 
-    async def healthy(self) -> bool: ...
 
-    async def close(self) -> None: ...
+class StoreExport(Protocol):
+    """What `reembed --from-collection` and `demo` read back: every point, and how many."""
+
+    async def count(self) -> int: ...
+
+    async def points(self, *, with_vectors: bool = True) -> list[StoredPoint]:
+        """Every point, in id order."""
+        ...
+
+
+class VectorStore(StoreWriter, StoreSearch, StoreExport, Protocol):
+    """A whole store, as `build_sink` returns it; each caller asks only for the part it uses."""
 
 
 class QdrantSink(ThreadedStore):
@@ -414,6 +458,8 @@ class QdrantSink(ThreadedStore):
       every write goes through this sink's one thread, so the read of chunk 0 before a write is
       exact there, and the local engine evaluates the condition in Python (~11x slower batches:
       `python -m bench.host_costs`).
+    - `payload_only_writes`: an update of a one-chunk document whose text hashes as the stored
+      one's rewrites only the payload and keeps the vector (default on; `keeps_vector`).
     """
 
     def __init__(
@@ -427,6 +473,7 @@ class QdrantSink(ThreadedStore):
         payload_indexes: dict[str, str] | None = None,
         sparse: str = SPARSE_OFF,
         conditional_writes: bool | None = None,
+        payload_only_writes: bool = True,
     ) -> None:
         from qdrant_client import QdrantClient
 
@@ -440,6 +487,7 @@ class QdrantSink(ThreadedStore):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant")
         self._server = bool(url)
         self.conditional_writes = self._server if conditional_writes is None else conditional_writes
+        self.payload_only_writes = payload_only_writes
         if url:
             self._client = QdrantClient(url=url, api_key=api_key, timeout=int(timeout_seconds))
             self.location = url
@@ -531,20 +579,15 @@ class QdrantSink(ThreadedStore):
             for p, vector in zip(points, engine_vectors(points, self._bm25, models.SparseVector))
         ]
 
-    async def upsert(self, points: Sequence[Point]) -> None:
-        if not points:
-            return
-        await self._call(lambda: self._client.upsert(self.collection, points=self._structs(points), wait=True))
-
-    async def write(self, writes: Sequence[DocumentWrite]) -> int:
-        return await self._call(replace_chunks, self, writes) if writes else 0
+    async def write(self, writes: Sequence[DocumentWrite]) -> WriteReport:
+        return await self._call(replace_chunks, self, writes, payload_only=self.payload_only_writes) if writes else WriteReport()
 
     # ---- ChunkEngine primitives (on the sink thread) ----------------------------------------
 
     def stored_heads(self, doc_ids: Sequence[str]) -> dict[str, StoredHead]:
         by_point = {point_id(d): d for d in doc_ids}
         stored = self._client.retrieve(
-            self.collection, ids=list(by_point), with_payload=["chunk_count", VERSION_FIELD, VERSION_SOURCE_FIELD]
+            self.collection, ids=list(by_point), with_payload=["chunk_count", "content_hash", VERSION_FIELD, VERSION_SOURCE_FIELD]
         )
         return {by_point[str(r.id)]: stored_head(r.payload or {}) for r in stored if str(r.id) in by_point}
 
@@ -560,6 +603,22 @@ class QdrantSink(ThreadedStore):
     def upsert_points(self, points: Sequence[Point], writes: Sequence[DocumentWrite]) -> None:
         condition = upsert_condition(_ClientTerms(), writes) if self.conditional_writes else None
         self._client.upsert(self.collection, points=self._structs(points), wait=True, update_filter=condition)
+
+    def overwrite_payloads(self, writes: Sequence[DocumentWrite]) -> None:
+        from qdrant_client import models
+
+        t = _ClientTerms()
+        operations = []
+        for w in writes:
+            point = w.points[0]
+            if self.conditional_writes and w.version is not None:
+                # As the upsert's condition: never over a newer version that landed since chunk 0 was read.
+                target = models.SetPayload(payload=point.payload, filter=t.where(
+                    must=[models.HasIdCondition(has_id=[point.id]), *replaceable(t, w)]))
+            else:
+                target = models.SetPayload(payload=point.payload, points=[point.id])
+            operations.append(models.OverwritePayloadOperation(overwrite_payload=target))
+        self._client.batch_update_points(self.collection, update_operations=operations, wait=True)
 
     def sample_chunks(self, limit: int, *, from_index: int = 1) -> list[tuple[str, dict[str, Any]]]:
         from qdrant_client import models
@@ -597,24 +656,6 @@ class QdrantSink(ThreadedStore):
     async def count(self) -> int:
         result = await self._call(self._client.count, self.collection, exact=True)
         return int(result.count)
-
-    async def retrieve(self, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
-        records = await self._call(
-            self._client.retrieve, self.collection, ids=list(ids), with_vectors=True, with_payload=True
-        )
-        return {str(r.id): (split_vector(r.vector)[0], dict(r.payload or {})) for r in records}  # type: ignore[misc]
-
-    async def scroll_ids(self) -> list[str]:
-        """Every point id (for tests and re-embedding)."""
-        ids: list[str] = []
-        offset = None
-        while True:
-            records, offset = await self._call(
-                self._client.scroll, self.collection, limit=1000, offset=offset, with_payload=False
-            )
-            ids.extend(str(r.id) for r in records)
-            if offset is None:
-                return ids
 
     async def search(self, vector: np.ndarray, limit: int = 5) -> list[Hit]:
         response = await self._call(

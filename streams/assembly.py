@@ -23,7 +23,7 @@ from processors.edge_sink import EdgeSink
 from processors.embedder import Embedder, SentenceTransformerEmbedder
 from processors.errors import SinkConfigError
 from processors.pipeline import Pipeline, PipelineHooks
-from processors.sink import QdrantSink, VectorSink, parse_payload_indexes
+from processors.sink import QdrantSink, StoreWriter, VectorStore, parse_payload_indexes
 from schemas.mapping import Mapping, parse_mapping
 from streams.config import Settings
 from streams.metrics import Metrics
@@ -105,7 +105,7 @@ def build_pipeline(
     settings: Settings,
     *,
     embedder: Embedder,
-    sink: VectorSink,
+    sink: StoreWriter,
     cache: VectorCache | None = None,
     hooks: PipelineHooks | None = None,
 ) -> Pipeline:
@@ -121,7 +121,7 @@ def build_worker(
     settings: Settings,
     *,
     embedder: Embedder,
-    sink: VectorSink,
+    sink: StoreWriter,
     cache: VectorCache | None = None,
     metrics: Metrics | None = None,
     backend: "Backend | None" = None,
@@ -142,7 +142,7 @@ def build_worker(
 class Parts:
     settings: Settings
     embedder: Embedder
-    sink: VectorSink
+    sink: VectorStore
     cache: VectorCache | None
     metrics: Metrics
 
@@ -163,7 +163,7 @@ async def assemble(
     settings: Settings,
     *,
     embedder: Embedder | None = None,
-    sink: VectorSink | None = None,
+    sink: VectorStore | None = None,
     cache: VectorCache | None = None,
     metrics: Metrics | None = None,
 ) -> AsyncIterator[Parts]:

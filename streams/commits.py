@@ -13,8 +13,7 @@ import logging
 import time
 from typing import Any, Callable, Iterable
 
-from aiokafka import TopicPartition
-from aiokafka.errors import IllegalStateError, KafkaError
+from streams.backends import BrokerError, TopicPartition
 
 from streams.fencing import Fencing
 from streams.metrics import Metrics
@@ -22,7 +21,7 @@ from streams.offsets import OffsetTracker
 
 log = logging.getLogger("streams.runtime")
 
-_BROKER_ERRORS = (KafkaError, asyncio.TimeoutError, AssertionError, KeyError, IllegalStateError)
+_BROKER_ERRORS = (BrokerError, asyncio.TimeoutError)
 
 
 class Commits:
@@ -59,8 +58,8 @@ class Commits:
                 return
             try:
                 await consumer.commit(offsets)
-            except KafkaError as exc:
-                log.warning("commit failed (%s); it will be retried", type(exc).__name__)
+            except BrokerError as exc:
+                log.warning("commit failed (%s); it will be retried", exc.kind)
                 return
             self.tracker.mark_committed(offsets)
             self._committed_before.update(offsets)
@@ -75,8 +74,8 @@ class Commits:
         for tp in assigned:
             try:
                 committed = await asyncio.wait_for(consumer.committed(tp), timeout=10)
-            except (KafkaError, asyncio.TimeoutError) as exc:
-                log.warning("cannot read the committed offset of %s[%d] (%s)", tp.topic, tp.partition, type(exc).__name__)
+            except (BrokerError, asyncio.TimeoutError) as exc:
+                log.warning("cannot read the committed offset of %s[%d] (%s)", tp.topic, tp.partition, getattr(exc, "kind", type(exc).__name__))
                 committed = None
             previous = self._committed_before.get(tp)
             if previous and (committed is None or committed < previous):
@@ -111,7 +110,7 @@ class Commits:
             if assignment:
                 async with asyncio.timeout(timeout):
                     ends = await consumer.end_offsets(assignment)
-        except (KafkaError, asyncio.TimeoutError, AssertionError):
+        except (BrokerError, asyncio.TimeoutError):
             ends = {}
         for tp in assignment:
             highwater = consumer.highwater(tp)

@@ -117,7 +117,7 @@ def _float_in(lo: float, hi: float, unit: str = "", *, off: bool = False) -> Ran
 
 _RETRY_SECONDS = _float_in(0.01, 3600, "s")
 _BATCH_MESSAGES = _int_in(1, 100_000, "messages")
-# The top is a "no limit" for benchmarks (bench/scenarios.py: FIXED_COUNT_SETTINGS).
+# The top is a "no limit" for benchmarks (bench/scenarios/mixed_lengths.py: FIXED_COUNT_SETTINGS).
 _BATCH_TOKENS = _int_in(1, 1_000_000_000, "tokens")
 _BATCH_WAIT_MS = _float_in(0.1, 60_000, "ms")
 _LAG_RECORDS = 1_000_000_000

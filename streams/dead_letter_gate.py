@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from aiokafka import TopicPartition
+from streams.backends import TopicPartition
 
 from streams.breaker import DeadLetterBreaker, DeadLetterLimit
 from streams.metrics import Metrics

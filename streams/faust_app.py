@@ -74,7 +74,7 @@ from mode import CrashingSupervisor
 from processors.cache import VectorCache
 from processors.embedder import Embedder
 from processors.pipeline import Outcome, Pipeline
-from processors.sink import VectorSink
+from processors.sink import StoreWriter
 from schemas import REPLAY_COUNT_HEADER, InvalidEvent, Limits, SourcePosition, copied_headers, passed_header_names
 from schemas.mapping import decode_record
 from streams.assembly import build_mapping
@@ -122,7 +122,7 @@ class _Runtime:
         settings: Settings,
         *,
         embedder: Embedder | None,
-        sink: VectorSink | None,
+        sink: StoreWriter | None,
         cache: VectorCache | None,
     ) -> None:
         self.settings = settings
@@ -231,7 +231,7 @@ def create_app(
     settings: Settings,
     *,
     embedder: Embedder | None = None,
-    sink: VectorSink | None = None,
+    sink: StoreWriter | None = None,
     cache: VectorCache | None = None,
 ) -> faust.App:
     """A Faust app running the embedding pipeline (see the module docstring).

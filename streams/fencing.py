@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from aiokafka import TopicPartition
+from streams.backends import TopicPartition
 
 from streams.steps import Fetched
 

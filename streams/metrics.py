@@ -74,6 +74,11 @@ class Metrics:
             "embedworker_key_id_mismatches_total", "Keyed upserts whose key is not their id (per-id order needs key = id)",
             registry=r,
         )
+        self.payload_only_writes = Counter(
+            "embedworker_payload_only_writes_total",
+            "Updates of a one-chunk document whose text was unchanged: only the payload was rewritten, the vector kept",
+            registry=r,
+        )
         self.stale_writes_skipped = Counter(
             "embedworker_stale_writes_skipped_total",
             "Document writes skipped because the store held a newer version (a replay, a zombie writer, a slow backfill)",

@@ -25,14 +25,12 @@ import logging
 import time
 from typing import Any, Iterable
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import IllegalStateError, KafkaError
 
 from processors.embedder import estimate_tokens
 from processors.errors import PublishError, WorkerError
 from processors.pipeline import LONG_TEXT_CHUNK, Pipeline
 from schemas import REPLAY_COUNT_HEADER, InputEvent, copied_headers, headers_size, passed_header_names
-from streams.backends import Backend
+from streams.backends import Backend, BrokerError, TopicPartition
 from streams.backends.kafka import REBALANCE_TIMEOUT_MS, KafkaBackend
 from streams.backpressure import Backpressure
 from streams.breaker import DeadLetterLimit
@@ -55,7 +53,7 @@ _POLL_SECONDS = 0.1
 __all__ = ["Fetched", "PublishError", "RunStats", "Worker", "WorkerError", "WorkerObserver"]
 
 
-class _RebalanceListener(ConsumerRebalanceListener):
+class _RebalanceListener:
     """What must be committed on a rebalance.
 
     Revoked: every finished message of the revoked partitions is committed before they
@@ -235,9 +233,9 @@ class Worker:
         try:
             await self._producer.start()
             await self._consumer.start()
-        except KafkaError as exc:
+        except BrokerError as exc:
             await self._close_clients()
-            raise WorkerError(f"cannot reach Kafka at {s.bootstrap_servers}: {type(exc).__name__}: {exc}") from None
+            raise WorkerError(f"cannot reach Kafka at {s.bootstrap_servers}: {exc.kind}: {exc}") from None
         try:
             await self.pipeline.start()
             self._consumer.subscribe([s.input_topic], listener=_RebalanceListener(self))
@@ -291,7 +289,7 @@ class Worker:
         """Whether the consumer's position reached `highwater` (past trailing transaction markers)."""
         try:
             return await self._consumer.position(tp) >= highwater
-        except (KafkaError, AssertionError, KeyError, IllegalStateError):
+        except BrokerError:
             return False
 
     def _accept(self, tp: TopicPartition, message: Any) -> None:

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from aiokafka import TopicPartition
+from streams.backends import TopicPartition
 
 from processors.pipeline import Outcome, PipelineHooks
 from streams.metrics import Metrics
@@ -76,6 +76,7 @@ class Telemetry:
             on_cache_invalid=m.cache_invalid.inc,
             on_store_rejected=m.store_rejected.inc,
             on_stale=m.stale_writes_skipped.inc,
+            on_payload_only=m.payload_only_writes.inc,
             phase=self.tracing.phase,
         )
 

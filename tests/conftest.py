@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+import logging
+
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -24,3 +26,18 @@ def embedder():
     from processors.embedder import SentenceTransformerEmbedder
 
     return SentenceTransformerEmbedder(device="cpu")
+
+
+@pytest.fixture
+def clean_cli_state(monkeypatch):
+    """No EMBEDWORKER_* variables from the outside; logging restored after each in-process run."""
+    for name in list(os.environ):
+        if name.startswith("EMBEDWORKER_"):
+            monkeypatch.delenv(name)
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in ("aiokafka", "embedworker")})
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    for name, level in saved[2].items():
+        logging.getLogger(name).setLevel(level)

@@ -14,18 +14,23 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
+import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from processors.cache import RedisCache
-from processors.sink import QdrantSink
+from doubles import WordEmbedder
+from processors.sink import Point, QdrantSink
+from streams import cli
+from streams.backends.memory import MemoryBroker
 from streams.assembly import build_sink
 from streams.config import Settings, load_settings
 from streams.backends.kafka import ensure_topics, make_producer
 from streams.metrics import Metrics
-from streams.runtime import Worker
+from streams.assembly import build_worker
+from streams.runtime import PublishError, Worker
 
 
 def docker_available() -> bool:
@@ -142,18 +147,26 @@ def make_cache(settings: Settings, metrics: Metrics | None = None) -> RedisCache
     return RedisCache(url=settings.redis_url, prefix=prefix, on_error=hook, timeout_seconds=0.5)
 
 
-async def wait_until(condition: Callable[[], bool | Awaitable[bool]], *, timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll `condition` until true or fail after `timeout` seconds."""
+async def until(
+    condition: Callable[[], bool | Awaitable[bool]], what: str = "a condition", *, timeout: float = 10.0,
+    interval: float | None = None,
+) -> None:
+    """Wait until `condition` (sync or async) is true, or fail naming `what` after `timeout` seconds.
+
+    The one wait of the tests: never a bare sleep. `interval` defaults to 2 ms for a plain
+    condition (in-process state) and 50 ms for an awaitable one (a broker or store round trip).
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
-        if asyncio.iscoroutine(value) or isinstance(value, Awaitable):
-            value = await value
+        awaited = asyncio.iscoroutine(value) or isinstance(value, Awaitable)
+        if awaited:
+            value = await value  # type: ignore[misc]
         if value:
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
+        await asyncio.sleep(interval if interval is not None else (0.05 if awaited else 0.002))
 
 
 async def produce(
@@ -244,7 +257,7 @@ async def running_worker(
         worker = parts.worker(observer=observer)
         task = asyncio.create_task(worker.run())
         try:
-            await wait_until(lambda: task.done() or worker.started.is_set(), timeout=30, what="worker start")
+            await until(lambda: task.done() or worker.started.is_set(), timeout=30, what="worker start")
             if task.done():
                 task.result()
             yield worker
@@ -300,3 +313,88 @@ class LatencyProxy:
                 sink.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+
+# ---- the in-memory broker (runtime tests) -----------------------------------------------
+
+
+def memory_settings(broker: MemoryBroker, partitions: int = 1, **overrides: Any):
+    name = unique("m")
+    values: dict[str, Any] = {
+        "input_topic": f"{name}.in", "output_topic": f"{name}.out", "dlq_topic": f"{name}.dlq",
+        "group_id": f"{name}.g", "collection": name, "metrics_port": 0, "commit_interval_ms": 20,
+        "shutdown_timeout_seconds": 2.0, "batch_min_messages": 4, "batch_max_messages": 8,
+        "batch_min_wait_ms": 1.0, "batch_max_wait_ms": 5.0,
+    }
+    values.update(overrides)
+    settings = load_settings(values, environ={})
+    broker.create_topic(settings.input_topic, partitions)
+    broker.create_topic(settings.output_topic, partitions)
+    broker.create_topic(settings.dlq_topic, 1)
+    return settings
+
+
+@contextlib.asynccontextmanager
+async def worker_on(broker: MemoryBroker, settings: Any, **kwargs: Any) -> AsyncIterator[Worker]:
+    kwargs.setdefault("sink", QdrantSink(collection=settings.collection))
+    worker = build_worker(settings, embedder=kwargs.pop("embedder", WordEmbedder(max_tokens=64)), backend=broker, **kwargs)
+    task = asyncio.create_task(worker.run())
+    try:
+        await until(lambda: worker.started.is_set() or task.done(), what="worker start")
+        if task.done():
+            task.result()
+        yield worker
+    finally:
+        worker.request_stop()
+        with contextlib.suppress(PublishError):
+            await asyncio.wait_for(task, timeout=10)
+
+
+# ---- the CLI in this process --------------------------------------------------------------
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """`embedworker ARGV` in this process: (exit code, stdout, stderr)."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse: --help and usage errors
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ---- stores of each engine, and reading one back -----------------------------------------
+
+STORE_KINDS = ["qdrant-memory", "qdrant-path", "edge"]
+"""The embedded engines every store test runs on: qdrant-client in memory and on a path, qdrant-edge."""
+
+
+def make_store(kind: str, path: Any, collection: str = "c") -> Any:
+    """A store of engine `kind` (see `STORE_KINDS`); `path` is a directory for the path engines."""
+    from processors.edge_sink import EdgeSink
+
+    if kind == "qdrant-memory":
+        return QdrantSink(collection=collection)
+    if kind == "qdrant-path":
+        return QdrantSink(collection=collection, path=str(path))
+    return EdgeSink(collection=collection, path=str(path))
+
+
+# ---- reading a store back (the shipped store protocols have no per-id reads) ---------------
+
+
+async def retrieve(store: Any, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+    """Vector and payload of each of `ids` that is stored (absent ids are left out)."""
+    wanted = set(ids)
+    return {p.id: (p.vector, p.payload) for p in await store.points(with_vectors=True) if p.id in wanted}
+
+
+async def point_ids(store: Any) -> list[str]:
+    """Every stored point id."""
+    return [p.id for p in await store.points(with_vectors=False)]
+
+
+async def put_points(store: Any, points: Sequence[Point]) -> None:
+    """Write bare points (no chunk replacement, no version guard): seeding a store as an older release left it."""
+    if points:
+        await store._call(store.upsert_points, list(points), ())

@@ -4,16 +4,19 @@ Owns: the interface the runtime needs of a broker (what aiokafka's clients offer
 Must not: know the pipeline. `kafka.KafkaBackend` is the real transport; `memory.MemoryBroker`
 an in-process one (partitions, group offsets, rebalances) that makes the runtime's commit,
 fencing and backpressure logic testable in milliseconds. Like httpx's transports: the
-runtime never knows which.
+runtime never knows which. Both raise only `errors.BrokerError`s, never a client's own types.
 """
 
 from __future__ import annotations
 
 from typing import Any, Awaitable, Iterable, Mapping, Protocol, Sequence
 
-from aiokafka import TopicPartition
+from aiokafka import TopicPartition  # a plain named tuple; aiokafka's consumer needs its own type
 
-__all__ = ["Backend", "Consumer", "Producer", "TopicPartition"]
+from streams.backends.errors import BrokerError, BrokerUnavailable, CommitFailed, NotAssigned, RecordTooLarge
+
+__all__ = ["Backend", "BrokerError", "BrokerUnavailable", "CommitFailed", "Consumer", "NotAssigned", "Producer",
+           "RecordTooLarge", "TopicPartition"]
 
 
 class Consumer(Protocol):

@@ -1,17 +1,21 @@
 """The aiokafka transport: client options as data, and the clients built from them.
 
-Owns: every aiokafka option the worker's clients get. Must not: know the runtime.
+Owns: every aiokafka option the worker's clients get, and turning aiokafka's errors into
+`streams.backends.errors` ones at this boundary (the runtime catches only those). Must not:
+know the runtime.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from streams.backends.errors import RecordTooLarge, client_errors, from_client
 from streams.config import Settings
 
 
@@ -88,11 +92,111 @@ class KafkaBackend:
     consumer_overrides: dict[str, Any] = field(default_factory=dict)
     producer_overrides: dict[str, Any] = field(default_factory=dict)
 
-    def consumer(self, settings: Settings) -> AIOKafkaConsumer:
-        return make_consumer(settings, **self.consumer_overrides)
+    def consumer(self, settings: Settings) -> "KafkaConsumer":
+        return KafkaConsumer(make_consumer(settings, **self.consumer_overrides))
 
     def producer(self, settings: Settings) -> "KafkaProducer":
         return KafkaProducer(make_producer(settings, **self.producer_overrides))
+
+
+class KafkaConsumer:
+    """aiokafka's consumer, narrowed to `streams.backends.Consumer`; its errors become `BrokerError`s."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self.consumer = consumer
+        self._errors = client_errors()
+
+    async def start(self) -> None:
+        try:
+            await self.consumer.start()
+        except self._errors as exc:
+            raise from_client(exc) from exc
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.consumer.subscribe(topics, listener=_Listener(listener))
+
+    async def getmany(self, *partitions: Any, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Any]]:
+        try:
+            return await self.consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
+        except self._errors as exc:
+            raise from_client(exc) from exc
+
+    def assignment(self) -> set[Any]:
+        return self.consumer.assignment()
+
+    def pause(self, *partitions: Any) -> None:
+        self.consumer.pause(*partitions)
+
+    def resume(self, *partitions: Any) -> None:
+        self.consumer.resume(*partitions)
+
+    def highwater(self, partition: Any) -> int | None:
+        try:
+            return self.consumer.highwater(partition)
+        except self._errors as exc:
+            raise from_client(exc) from exc
+
+    async def committed(self, partition: Any) -> int | None:
+        try:
+            return await self.consumer.committed(partition)
+        except self._errors as exc:
+            raise from_client(exc) from exc
+
+    async def commit(self, offsets: Any) -> None:
+        try:
+            await self.consumer.commit(offsets)
+        except self._errors as exc:
+            raise from_client(exc) from exc
+
+    async def end_offsets(self, partitions: Any) -> dict[Any, int]:
+        try:
+            return await self.consumer.end_offsets(list(partitions))
+        except self._errors as exc:
+            raise from_client(exc) from exc
+
+    async def position(self, partition: Any) -> int:
+        try:
+            return await self.consumer.position(partition)
+        except self._errors as exc:
+            raise from_client(exc) from exc
+
+
+class _Listener(ConsumerRebalanceListener):
+    """The runtime's listener, as the type aiokafka's `subscribe` insists on."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.inner.on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.inner.on_partitions_assigned(assigned)
+
+
+def _acknowledged(ack: "asyncio.Future[Any]") -> "asyncio.Future[Any]":
+    """`ack`, with a client error turned into a `BrokerError` (a callback: no task per record)."""
+    translated: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def settle(done: "asyncio.Future[Any]") -> None:
+        if translated.done():
+            return
+        if done.cancelled():
+            translated.cancel()
+        elif (exc := done.exception()) is not None:
+            if isinstance(exc, client_errors()):
+                error = from_client(exc)
+                error.__cause__ = exc
+                exc = error
+            translated.set_exception(exc)
+        else:
+            translated.set_result(done.result())
+
+    ack.add_done_callback(settle)
+    return translated
 
 
 class KafkaProducer:
@@ -107,19 +211,31 @@ class KafkaProducer:
         self._round_robin = 0
 
     async def start(self) -> None:
-        await self.producer.start()
+        try:
+            await self.producer.start()
+        except client_errors() as exc:
+            raise from_client(exc) from exc
 
     async def stop(self) -> None:
         await self.producer.stop()
 
     async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
                    headers: Sequence[tuple[str, bytes]] = ()) -> Any:
-        return await self.producer.send(topic, value=value, key=key, headers=list(headers) or None)
+        """Queue one record; the returned awaitable is its acknowledgement (`BrokerError` on failure)."""
+        try:
+            ack = await self.producer.send(topic, value=value, key=key, headers=list(headers) or None)
+        except client_errors() as exc:
+            raise from_client(exc) from exc
+        return _acknowledged(ack)
 
     async def send_many(self, topic: str, records: Sequence[tuple[bytes | None, bytes, Sequence[tuple[str, bytes]]]]) -> list[tuple[list[int], Any]]:
         """Queue `records` (key, value, headers); returns (indices of records, acknowledgement) per batch sent."""
-        from aiokafka.errors import MessageSizeTooLargeError
+        try:
+            return await self._send_many(topic, records)
+        except client_errors() as exc:
+            raise from_client(exc) from exc
 
+    async def _send_many(self, topic: str, records: Sequence[tuple[bytes | None, bytes, Sequence[tuple[str, bytes]]]]) -> list[tuple[list[int], Any]]:
         partitions = sorted(await self.producer.partitions_for(topic))
         groups: dict[int, list[int]] = {}
         for index, (key, _, _) in enumerate(records):
@@ -135,13 +251,13 @@ class KafkaProducer:
             for index in indices:
                 key, value, headers = records[index]
                 if batch.append(key=key, value=value, timestamp=None, headers=list(headers)) is None:
-                    sent.append((members, await self.producer.send_batch(batch, topic, partition=partition)))
+                    sent.append((members, _acknowledged(await self.producer.send_batch(batch, topic, partition=partition))))
                     batch, members = self.producer.create_batch(), []
                     if batch.append(key=key, value=value, timestamp=None, headers=list(headers)) is None:
-                        raise MessageSizeTooLargeError(f"a {len(value)}-byte record does not fit a batch")
+                        raise RecordTooLarge(f"a {len(value)}-byte record does not fit a batch", kind="MessageSizeTooLargeError")
                 members.append(index)
             if members:
-                sent.append((members, await self.producer.send_batch(batch, topic, partition=partition)))
+                sent.append((members, _acknowledged(await self.producer.send_batch(batch, topic, partition=partition))))
         return sent
 
 

@@ -6,7 +6,7 @@ Owns: a faithful-enough model of what the runtime relies on, for unit tests in m
 - group members get partitions round-robin; a rebalance (a member joins or leaves, or
   `rebalance()`) revokes every member's partitions (its listener runs) before anyone gets
   them again, like Kafka's eager protocol with its join barrier;
-- a commit for a partition the member no longer owns fails (`CommitFailedError`);
+- a commit for a partition the member no longer owns fails (`CommitFailed`);
 - `fail_sends` makes the producer's acknowledgements fail (retriable), `refuse_larger_than`
   refuses records above a size (not retriable), as a broker's `message.max.bytes` does.
 Must not: be used outside tests and benchmarks.
@@ -20,8 +20,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from aiokafka import TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaConnectionError, MessageSizeTooLargeError
+from streams.backends import TopicPartition
+from streams.backends.errors import BrokerUnavailable, CommitFailed, RecordTooLarge
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +212,7 @@ class MemoryConsumer:
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         group = self._group
         if self._generation != group.generation or any(group.owners.get(tp) is not self for tp in offsets):
-            raise CommitFailedError("the group rebalanced: this member no longer owns every partition it commits")
+            raise CommitFailed("the group rebalanced: this member no longer owns every partition it commits")
         group.committed.update(offsets)
 
     async def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
@@ -256,9 +256,9 @@ class MemoryProducer:
         # As Kafka counts a record: headers too.
         size = len(value or b"") + len(key or b"") + sum(len(k) + len(v or b"") for k, v in headers or ())
         if self.broker.refuse_larger_than is not None and size > self.broker.refuse_larger_than:
-            future.set_exception(MessageSizeTooLargeError(f"record of {size} bytes"))
+            future.set_exception(RecordTooLarge(f"record of {size} bytes", kind="MessageSizeTooLargeError"))
         elif self.broker.fail_sends or self.fail_sends:
-            future.set_exception(KafkaConnectionError("injected: broker unreachable"))
+            future.set_exception(BrokerUnavailable("injected: broker unreachable", kind="KafkaConnectionError"))
         else:
             record = self.broker.append(topic, value, key, headers=tuple(headers or ()))
             future.set_result(record)

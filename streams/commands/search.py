@@ -3,7 +3,7 @@
 Three modes: `dense` (the model's vector, the default), `sparse` (BM25 only: the collection's
 `bm25` sparse vector, EMBEDWORKER_SPARSE=bm25 at ingest) and `hybrid` (both, fused by the
 engine's reciprocal rank fusion, k = 60). `query_sink` is the one search path: the command and
-the recall benchmark (`bench/recall.py`) both go through it.
+the recall benchmark (`bench/scenarios/recall.py`) both go through it.
 """
 
 from __future__ import annotations

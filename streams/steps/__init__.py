@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Coroutine, Generic, Protocol, TypeVar
 
-from aiokafka import TopicPartition
+from streams.backends import TopicPartition
 
 from schemas import InputEvent
 

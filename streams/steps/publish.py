@@ -16,13 +16,13 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Awaitable, Callable, Sequence
 
-from aiokafka.errors import KafkaError
 
 from processors.backoff import Backoff
 from processors.errors import PublishError
 from processors.ordering import Sequencer, Turn
 from processors.pipeline import Outcome
 from schemas import SourcePosition, encode_dead_letter, headers_size
+from streams.backends import BrokerError
 from streams.steps import Fetched, TaskSet
 from streams.steps.finish import Finish
 
@@ -64,9 +64,11 @@ def record_size(record: OutRecord) -> int:
 
 
 def error_label(exc: BaseException) -> str:
-    """A bounded label value: aiokafka's error class names are a fixed set; anything else is `other`."""
+    """A bounded label value: a broker error's kind (the transport's fixed set of names); anything else is `other`."""
+    if isinstance(exc, BrokerError):
+        return exc.kind
     name = type(exc).__name__
-    return name if type(exc).__module__.startswith("aiokafka") or name in ("TimeoutError", "CancelledError") else "other"
+    return name if name in ("TimeoutError", "CancelledError") else "other"
 
 
 class Publisher:
@@ -123,24 +125,24 @@ class Publisher:
                 elif record.headers:
                     log.error(
                         "%s refused a %d-byte %s for %s (%s); sending it without its copied headers",
-                        who, record_size(record), record.kind.replace("_", " "), record.topic, type(outcome).__name__,
+                        who, record_size(record), record.kind.replace("_", " "), record.topic, _name(outcome),
                     )
                     retry.append(replace(record, headers=()))
                 elif record.fallback is not None:
                     log.error(
                         "%s refused a %d-byte dead letter for %s (%s); sending it without its payload",
-                        who, record_size(record), record.topic, type(outcome).__name__,
+                        who, record_size(record), record.topic, _name(outcome),
                     )
                     retry.append(replace(record, value=record.fallback, fallback=None))
                 else:
                     raise PublishError(
                         f"{who} refused a {record_size(record)}-byte {record.kind.replace('_', ' ')} for {record.topic} "
-                        f"({type(outcome).__name__}: {outcome}); it cannot be retried, stopping"
+                        f"({_name(outcome)}: {outcome}); it cannot be retried, stopping"
                     )
             if retriable is not None:
                 delay = self.backoff.delay(attempt)
                 log.warning(
-                    "publishing %d events failed (%s); retry in %.2fs", len(retry), type(retriable).__name__, delay,
+                    "publishing %d events failed (%s); retry in %.2fs", len(retry), _name(retriable), delay,
                     extra={"batch_id": batch_id} if batch_id is not None else None,
                 )
                 attempt += 1
@@ -191,9 +193,13 @@ class Publisher:
         return outcomes, by_client
 
 
+def _name(exc: BaseException) -> str:
+    return exc.kind if isinstance(exc, BrokerError) else type(exc).__name__
+
+
 def _retriable(exc: BaseException) -> bool:
-    if isinstance(exc, KafkaError):
-        return bool(getattr(exc, "retriable", False)) or type(exc).__name__ in ("KafkaConnectionError", "KafkaTimeoutError")
+    if isinstance(exc, BrokerError):
+        return exc.retriable
     return not isinstance(exc, (ValueError, TypeError, AssertionError))
 
 
