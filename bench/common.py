@@ -5,12 +5,13 @@ Scenarios import this and `bench.harness`, never each other; `bench.registry` na
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.harness import Context, mixed_texts, short_texts
+from bench.harness import Context, load_average, mixed_texts, short_texts
 
 
 def target(name: str, value: float, op: str, threshold: float, description: str) -> dict[str, Any]:
@@ -32,6 +33,22 @@ def token_stats(ctx: Context, texts: list[str]) -> dict[str, float]:
 
 def text_sets(ctx: Context) -> dict[str, list[str]]:
     return {"short": short_texts(ctx.size(2000, 64)), "mixed": mixed_texts(ctx.size(1200, 48))}
+
+
+async def per_set_reps(ctx: Context, sets: dict[str, list[str]], label: str, measure: Any) -> list[dict[str, Any]]:
+    """`ctx.repeat` rows of `{kind: await measure(texts)}` over the text sets, each a measured unit."""
+    reps = []
+    for rep in range(ctx.repeat):
+        row: dict[str, Any] = {"rep": rep, "load_average": load_average()}
+        for kind, texts in sets.items():
+            row[kind] = await ctx.measured(f"{label} {kind}", functools.partial(measure, texts))
+        reps.append(row)
+    return reps
+
+
+def per_set_targets(name: str, medians: dict[str, Any], sets: Any, threshold: float, description: str) -> list[dict[str, Any]]:
+    """One `>=` target per text set on its median `ratio`; `description` may name `{kind}`."""
+    return [target(f"{name}_{kind}", medians[kind]["ratio"], ">=", threshold, description.format(kind=kind)) for kind in sets]
 
 
 def clean_share(reps: list[dict[str, Any]]) -> str:

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -170,6 +170,47 @@ def plan_sub_batches(
     return batches
 
 
+class DirectTokenizer:
+    """A model's Rust tokenizer (`tokenizers.Tokenizer`) called directly, a batch per call.
+
+    transformers' wrapper around the same tokenizer turns every encoding into Python lists and
+    dicts, text by text, holding the GIL (about a seventh of the model thread on a tiny model);
+    the batch calls here run in Rust without the GIL. Ids, counts and offsets are the wrapper's
+    (`tests/unit/test_tokenization.py` compares them, and the vectors, on every kind of text).
+    `for_model` returns None where there is no Rust tokenizer (a slow, pure-Python one).
+    """
+
+    def __init__(self, backend: Any, *, max_tokens: int) -> None:
+        from tokenizers import Tokenizer
+
+        source = backend.to_str()
+        self._whole = Tokenizer.from_str(source)
+        self._whole.no_padding()
+        self._whole.no_truncation()
+        self._cut = Tokenizer.from_str(source)
+        self._cut.no_padding()
+        self._cut.enable_truncation(max_length=max_tokens)
+
+    @classmethod
+    def for_model(cls, tokenizer: Any, *, max_tokens: int) -> "DirectTokenizer | None":
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "to_str"):
+            return None
+        return cls(backend, max_tokens=max_tokens)
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text with special tokens, untruncated."""
+        return [len(encoding) for encoding in self._whole.encode_batch_fast(list(texts), add_special_tokens=True)]
+
+    def offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """Character spans of each text's content tokens (no special tokens, untruncated)."""
+        return [list(encoding.offsets) for encoding in self._whole.encode_batch(list(texts), add_special_tokens=False)]
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text with special tokens, cut at `max_tokens`."""
+        return [encoding.ids for encoding in self._cut.encode_batch_fast(list(texts), add_special_tokens=True)]
+
+
 def _plain_transformer(model: object) -> bool:
     """Whether our own tokenization and forward pass give what `encode` gives for this model."""
     try:
@@ -236,6 +277,8 @@ class SentenceTransformerEmbedder:
         # characters fits and need not be tokenized to know it; byte-BPE and SentencePiece
         # tokens can be smaller (an emoji may be several): there every text is counted.
         self.max_tokens_per_char = 1 if "Bert" in type(self._tokenizer).__name__ else None
+        self._tokens = DirectTokenizer.for_model(self._tokenizer, max_tokens=self.max_tokens)
+        self._type_ids = "token_type_ids" in getattr(self._tokenizer, "model_input_names", ())
         self._direct = _plain_transformer(self._model)
         """Forward passes on our own tokenization: a plain transformer first module and no default
         prompt (anything else goes through `encode`, which knows it)."""
@@ -246,11 +289,15 @@ class SentenceTransformerEmbedder:
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Exact token counts with special tokens, before truncation."""
+        if self._tokens is not None:
+            return self._tokens.count(texts)
         encoded = self._tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
     def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
         """Character spans of each text's content tokens (no special tokens, no truncation)."""
+        if self._tokens is not None:
+            return self._tokens.offsets(texts)
         encoded = self._tokenizer(
             list(texts), add_special_tokens=False, truncation=False, return_offsets_mapping=True, verbose=False
         )
@@ -264,9 +311,11 @@ class SentenceTransformerEmbedder:
         """One tokenization per text feeds both the length-aware plan and the forward passes."""
         if not texts:
             return Embeddings(np.zeros((0, self.dim), dtype=np.float32), [])
-        encoded = self._tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_tokens, verbose=False)
-        columns = {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded}
-        counts = [len(ids) for ids in columns["input_ids"]]
+        if self._tokens is not None:
+            rows = self._tokens.ids(texts)
+        else:
+            rows = self._tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_tokens, verbose=False)["input_ids"]
+        counts = [len(ids) for ids in rows]
         if token_counts is not None:
             truncated = [count > self.max_tokens for count in token_counts]
         else:  # a text cut at the limit has exactly `max_tokens` tokens now: count those again, untruncated
@@ -275,25 +324,27 @@ class SentenceTransformerEmbedder:
             truncated = [exact.get(i, 0) > self.max_tokens for i in range(len(texts))]
         vectors = np.empty((len(texts), self.dim), dtype=np.float32)
         for indices in plan_sub_batches(counts, token_budget=self.sub_batch_tokens, max_batch=self.max_sub_batch):
-            vectors[indices] = self._forward({key: [column[i] for i in indices] for key, column in columns.items()},
-                                             [texts[i] for i in indices])
+            vectors[indices] = self._forward([rows[i] for i in indices], [texts[i] for i in indices])
         return Embeddings(vectors, truncated)
 
-    def _forward(self, columns: dict[str, list[list[int]]], texts: list[str]) -> np.ndarray:
-        """Pad the already-tokenized texts and run the model; `encode` (which tokenizes again) only as a fallback."""
+    def _forward(self, rows: list[list[int]], texts: list[str]) -> np.ndarray:
+        """Pad the already-tokenized texts and run the model; `encode` (which tokenizes again) only as a fallback.
+
+        One text per row: the attention mask is each row's length and token type ids are zeros,
+        as the tokenizer would give them."""
         import torch
 
         if self._direct:
             try:
-                length = max(len(ids) for ids in columns["input_ids"])
-                features = {}
-                for key, rows in columns.items():
-                    padded = np.zeros((len(rows), length), dtype=np.int64)
-                    if key == "input_ids" and self._pad_id:
-                        padded.fill(self._pad_id)
-                    for row, ids in enumerate(rows):
-                        padded[row, : len(ids)] = ids
-                    features[key] = torch.from_numpy(padded).to(self.device)
+                lengths = np.fromiter((len(ids) for ids in rows), dtype=np.int64, count=len(rows))
+                length = int(lengths.max())
+                ids = np.full((len(rows), length), self._pad_id, dtype=np.int64)
+                for row, row_ids in enumerate(rows):
+                    ids[row, : len(row_ids)] = row_ids
+                mask = (np.arange(length) < lengths[:, None]).astype(np.int64)
+                features = {"input_ids": torch.from_numpy(ids).to(self.device), "attention_mask": torch.from_numpy(mask).to(self.device)}
+                if self._type_ids:
+                    features["token_type_ids"] = torch.zeros_like(features["input_ids"])
                 with torch.inference_mode():
                     output = self._model.forward(features)["sentence_embedding"]
                 return torch.nn.functional.normalize(output.float(), dim=1).cpu().numpy()

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import clean_share, text_sets, token_stats
-from bench.harness import Context, embed_ours, encode_ceiling, load_average, median
+from bench.common import clean_share, per_set_reps, text_sets, token_stats
+from bench.harness import Context, embed_ours, encode_ceiling, median
 
 
 async def ceiling(ctx: Context) -> dict[str, Any]:
     sets = text_sets(ctx)
-    reps = []
-    for rep in range(ctx.repeat):
-        row: dict[str, Any] = {"rep": rep, "load_average": load_average()}
-        for kind, texts in sets.items():
-            async def unit(texts: list[str] = texts) -> dict[str, Any]:
-                encode = encode_ceiling(ctx.embedder, texts)
-                embed = embed_ours(ctx.embedder, texts)
-                return {"encode": encode, "encode_rate": encode["rate"], "embed": embed, "embed_rate": embed["rate"],
-                        "embed_over_encode": embed["rate"] / encode["rate"]}
-            row[kind] = await ctx.measured(f"ceiling {kind}", unit)
-        reps.append(row)
+
+    async def unit(texts: list[str]) -> dict[str, Any]:
+        encode = encode_ceiling(ctx.embedder, texts)
+        embed = embed_ours(ctx.embedder, texts)
+        return {"encode": encode, "encode_rate": encode["rate"], "embed": embed, "embed_rate": embed["rate"],
+                "embed_over_encode": embed["rate"] / encode["rate"]}
+
+    reps = await per_set_reps(ctx, sets, "ceiling", unit)
     medians = {
         kind: {key: median([r[kind][key] for r in reps]) for key in ("encode_rate", "embed_rate", "embed_over_encode")}
         for kind in sets

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import clean_share, target, text_sets
+from bench.common import clean_share, per_set_targets, text_sets
 from bench.harness import Context, load_average, median, run_naive, run_worker_backlog, warm_pipeline
 
 
@@ -48,11 +48,8 @@ async def naive(ctx: Context) -> dict[str, Any]:
         }
         for kind in sets
     }
-    targets = [
-        target(f"pipeline_over_naive_{kind}", medians[kind]["ratio"], ">=", 10.0,
-               f"Worker throughput / tutorial one-at-a-time consumer throughput, {kind} texts")
-        for kind in sets
-    ]
+    targets = per_set_targets("pipeline_over_naive", medians, sets, 10.0,
+                              "Worker throughput / tutorial one-at-a-time consumer throughput, {kind} texts")
     return {
         "parameters": {
             "method": "AIOKafkaConsumer.getone -> model.encode([text]) -> QdrantClient(':memory:').upsert(1 point) -> "

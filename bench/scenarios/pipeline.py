@@ -4,32 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import clean_share, target, text_sets, token_stats
-from bench.harness import Context, encode_ceiling, load_average, median, replay_embed_calls, run_worker_backlog, warm_pipeline
+from bench.common import clean_share, per_set_reps, per_set_targets, text_sets, token_stats
+from bench.harness import Context, encode_ceiling, median, replay_embed_calls, run_worker_backlog, warm_pipeline
 
 
 async def pipeline(ctx: Context) -> dict[str, Any]:
     sets = text_sets(ctx)
     await warm_pipeline(ctx)
-    reps = []
-    for rep in range(ctx.repeat):
-        row: dict[str, Any] = {"rep": rep, "load_average": load_average()}
-        for kind, texts in sets.items():
-            async def unit(texts: list[str] = texts) -> dict[str, Any]:
-                ceiling_run = encode_ceiling(ctx.embedder, texts)
-                run = await run_worker_backlog(ctx, texts)
-                assert run["cached"] == 0, "all-unique texts must not hit the cache"
-                # The worker's own embed calls (same batches), replayed without the worker:
-                # splits the gap into batching (replay/ceiling) and overhead (pipeline/replay).
-                replay = replay_embed_calls(ctx.embedder, run["_embed_calls"])
-                return {
-                    "ceiling": ceiling_run, "ceiling_rate": ceiling_run["rate"],
-                    "pipeline": run, "pipeline_rate": run["rate"], "ratio": run["rate"] / ceiling_run["rate"],
-                    "replay": replay, "replay_over_ceiling": replay["rate"] / ceiling_run["rate"],
-                    "pipeline_over_replay": run["rate"] / replay["rate"],
-                }
-            row[kind] = await ctx.measured(f"pipeline {kind}", unit)
-        reps.append(row)
+
+    async def unit(texts: list[str]) -> dict[str, Any]:
+        ceiling_run = encode_ceiling(ctx.embedder, texts)
+        run = await run_worker_backlog(ctx, texts)
+        assert run["cached"] == 0, "all-unique texts must not hit the cache"
+        # The worker's own embed calls (same batches), replayed without the worker:
+        # splits the gap into batching (replay/ceiling) and overhead (pipeline/replay).
+        replay = replay_embed_calls(ctx.embedder, run["_embed_calls"])
+        return {
+            "ceiling": ceiling_run, "ceiling_rate": ceiling_run["rate"],
+            "pipeline": run, "pipeline_rate": run["rate"], "ratio": run["rate"] / ceiling_run["rate"],
+            "replay": replay, "replay_over_ceiling": replay["rate"] / ceiling_run["rate"],
+            "pipeline_over_replay": run["rate"] / replay["rate"],
+        }
+
+    reps = await per_set_reps(ctx, sets, "pipeline", unit)
     keys = ("ceiling_rate", "pipeline_rate", "ratio", "replay_over_ceiling", "pipeline_over_replay")
     medians = {
         kind: {
@@ -43,11 +40,7 @@ async def pipeline(ctx: Context) -> dict[str, Any]:
         for kind in sets
     }
     ctx.shared["pipeline_rates"] = {kind: [r[kind]["pipeline_rate"] for r in reps] for kind in sets}
-    targets = [
-        target(f"pipeline_over_ceiling_{kind}", medians[kind]["ratio"], ">=", 0.90,
-               f"Worker end to end / model.encode(bs=32), {kind} texts, all unique")
-        for kind in sets
-    ]
+    targets = per_set_targets("pipeline_over_ceiling", medians, sets, 0.90, "Worker end to end / model.encode(bs=32), {kind} texts, all unique")
     return {
         "parameters": {
             "method": "backlog produced first; timer from the first message consumed to the last result acknowledged "

@@ -33,23 +33,21 @@ class Broker:
     backend: Any
     settings: Any
 
-    @contextlib.asynccontextmanager
-    async def consumer(self) -> AsyncIterator[Any]:
-        consumer = self.backend.consumer(self.settings)
-        await consumer.start()
-        try:
-            yield consumer
-        finally:
-            await consumer.stop()
+    def consumer(self) -> Any:
+        return _started(self.backend.consumer(self.settings))
 
-    @contextlib.asynccontextmanager
-    async def producer(self) -> AsyncIterator[Any]:
-        producer = self.backend.producer(self.settings)
-        await producer.start()
-        try:
-            yield producer
-        finally:
-            await producer.stop()
+    def producer(self) -> Any:
+        return _started(self.backend.producer(self.settings))
+
+
+@contextlib.asynccontextmanager
+async def _started(client: Any) -> AsyncIterator[Any]:
+    """A consumer or producer, started, and stopped after."""
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.stop()
 
 
 class Listener:
@@ -133,9 +131,7 @@ async def test_a_committed_offset_is_where_the_groups_next_member_starts(broker:
 async def test_a_paused_partition_returns_nothing_until_resumed(broker: Broker) -> None:
     topic = broker.settings.input_topic
     async with broker.consumer() as consumer:
-        listener = Listener()
-        consumer.subscribe([topic], listener=listener)
-        await fetch_nothing_until_assigned(consumer, listener)
+        await subscribed(consumer, topic)
         consumer.pause(*consumer.assignment())
         async with broker.producer() as producer:
             await asyncio.gather(*[await producer.send(topic, value=b"%d" % i, key=b"k") for i in range(5)])
@@ -145,7 +141,11 @@ async def test_a_paused_partition_returns_nothing_until_resumed(broker: Broker) 
         assert len(await fetch(consumer, 5)) == 5
 
 
-async def fetch_nothing_until_assigned(consumer: Any, listener: Listener) -> None:
+async def subscribed(consumer: Any, topic: str) -> None:
+    """Subscribe `consumer` to `topic` and poll until the group assigned it partitions."""
+    listener = Listener()
+    consumer.subscribe([topic], listener=listener)
+
     async def assigned() -> bool:
         await consumer.getmany(timeout_ms=50)
         return bool(listener.assigned)
@@ -183,9 +183,7 @@ async def test_a_record_over_the_limit_is_the_projects_error(broker: Broker) -> 
 async def test_a_commit_of_a_partition_not_owned_is_refused_with_the_projects_error(broker: Broker) -> None:
     topic = broker.settings.input_topic
     async with broker.consumer() as consumer:
-        listener = Listener()
-        consumer.subscribe([topic], listener=listener)
-        await fetch_nothing_until_assigned(consumer, listener)
+        await subscribed(consumer, topic)
         with pytest.raises(BrokerError) as refused:
             await consumer.commit({TopicPartition(topic + "-not-ours", 0): 1})
     assert isinstance(refused.value, (CommitFailed, BrokerError)) and refused.value.kind

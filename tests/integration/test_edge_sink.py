@@ -50,72 +50,65 @@ def kind(request) -> str:
     return request.param
 
 
-async def test_upsert_count_retrieve(kind, tmp_path):
+@pytest.fixture
+async def store(kind, tmp_path):
+    """A store of `kind` with its collection made (DIM), closed after the test."""
     sink = make(kind, tmp_path)
-    try:
-        await sink.ensure_collection(DIM)
-        await sink.ensure_collection(DIM)  # idempotent
-        assert await sink.vector_size() == DIM
-        batch = points(50)
-        await put_points(sink, batch[:25])
-        await put_points(sink, batch[25:])
-        await put_points(sink, [])
-        assert await sink.count() == 50
-        got = await retrieve(sink, [p.id for p in batch] + [str(uuid.uuid4())])
-        assert set(got) == {p.id for p in batch}
-        for p in batch:
-            vector, payload = got[p.id]
-            assert vector.dtype == np.float32 and np.allclose(vector, p.vector, atol=1e-6)
-            assert payload == p.payload
-        assert sorted(await point_ids(sink)) == sorted(p.id for p in batch)
-        assert await sink.healthy()
-    finally:
-        await sink.close()
+    await sink.ensure_collection(DIM)
+    yield sink
+    await sink.close()
 
 
-async def test_last_write_wins(kind, tmp_path):
-    sink = make(kind, tmp_path)
-    try:
-        await sink.ensure_collection(DIM)
-        first, second = unit_vectors(2, seed=1)
-        pid = str(uuid.UUID(int=99))
-        await put_points(sink, [Point(pid, first, {"v": 1})])
-        await put_points(sink, [Point(pid, second, {"v": 2})])
-        # and within one batch, the later point wins
-        await put_points(sink, [Point(pid, first, {"v": 3}), Point(pid, second, {"v": 4})])
-        assert await sink.count() == 1
-        vector, payload = (await retrieve(sink, [pid]))[pid]
-        assert payload == {"v": 4} and np.allclose(vector, second, atol=1e-6)
-    finally:
-        await sink.close()
+async def test_upsert_count_retrieve(store):
+    sink = store
+    await sink.ensure_collection(DIM)  # idempotent
+    assert await sink.vector_size() == DIM
+    batch = points(50)
+    await put_points(sink, batch[:25])
+    await put_points(sink, batch[25:])
+    await put_points(sink, [])
+    assert await sink.count() == 50
+    got = await retrieve(sink, [p.id for p in batch] + [str(uuid.uuid4())])
+    assert set(got) == {p.id for p in batch}
+    for p in batch:
+        vector, payload = got[p.id]
+        assert vector.dtype == np.float32 and np.allclose(vector, p.vector, atol=1e-6)
+        assert payload == p.payload
+    assert sorted(await point_ids(sink)) == sorted(p.id for p in batch)
+    assert await sink.healthy()
 
 
-async def test_search_returns_the_nearest_first(kind, tmp_path):
-    sink = make(kind, tmp_path)
-    try:
-        await sink.ensure_collection(DIM)
-        batch = points(200)
-        await put_points(sink, batch)
-        target = batch[123]
-        noisy = target.vector + 0.05 * unit_vectors(1, seed=3)[0]
-        hits = await sink.search(noisy, limit=5)
-        assert len(hits) == 5
-        assert hits[0].id == target.id and hits[0].payload == target.payload
-        assert hits[0].score > 0.99 and [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
-        exact = await sink.search(batch[7].vector, limit=1)
-        assert exact[0].id == batch[7].id and abs(exact[0].score - 1.0) < 1e-5
-    finally:
-        await sink.close()
+async def test_last_write_wins(store):
+    sink = store
+    first, second = unit_vectors(2, seed=1)
+    pid = str(uuid.UUID(int=99))
+    await put_points(sink, [Point(pid, first, {"v": 1})])
+    await put_points(sink, [Point(pid, second, {"v": 2})])
+    # and within one batch, the later point wins
+    await put_points(sink, [Point(pid, first, {"v": 3}), Point(pid, second, {"v": 4})])
+    assert await sink.count() == 1
+    vector, payload = (await retrieve(sink, [pid]))[pid]
+    assert payload == {"v": 4} and np.allclose(vector, second, atol=1e-6)
 
 
-async def test_dimension_mismatch_is_a_clear_error(kind, tmp_path):
-    sink = make(kind, tmp_path)
-    try:
-        await sink.ensure_collection(DIM)
-        with pytest.raises(SinkConfigError, match=f"size {DIM}.*gives {DIM + 1}"):
-            await sink.ensure_collection(DIM + 1)
-    finally:
-        await sink.close()
+async def test_search_returns_the_nearest_first(store):
+    sink = store
+    batch = points(200)
+    await put_points(sink, batch)
+    target = batch[123]
+    noisy = target.vector + 0.05 * unit_vectors(1, seed=3)[0]
+    hits = await sink.search(noisy, limit=5)
+    assert len(hits) == 5
+    assert hits[0].id == target.id and hits[0].payload == target.payload
+    assert hits[0].score > 0.99 and [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    exact = await sink.search(batch[7].vector, limit=1)
+    assert exact[0].id == batch[7].id and abs(exact[0].score - 1.0) < 1e-5
+
+
+async def test_dimension_mismatch_is_a_clear_error(store):
+    sink = store
+    with pytest.raises(SinkConfigError, match=f"size {DIM}.*gives {DIM + 1}"):
+        await sink.ensure_collection(DIM + 1)
 
 
 @pytest.mark.parametrize("kind", PERSISTENT)

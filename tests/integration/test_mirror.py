@@ -230,32 +230,8 @@ async def test_random_stream_under_sigkills_mirrors_the_last_events(services, em
         env = worker_env(settings, store, EMBEDWORKER_REDIS_URL=proxy.url,
                          **{f"EMBEDWORKER_{k.upper()}": str(v) for k, v in PIPELINED.items()})
         total = len(stream.values)
-        committed_at = []
-        for killed in range(kills):
-            process = start_worker(env, log)
-            before = sum((await committed_offsets(settings, 3)).values())
-            room = max(1, (total - before) // (kills - killed + 1))
-            target = min(total - 1, before + rng.randint(max(1, room // 3), room))
-            await until(lambda: process.poll() is not None or _committed_sync_n(settings, 3) >= target,
-                             timeout=180, what="progress before the kill", interval=0.3)
-            assert process.poll() is None, log.read_text()[-3000:]
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            committed_at.append(sum((await committed_offsets(settings, 3)).values()))
-        starts = log.read_text().count("loading model")
-        process = start_worker(env, log)
-        try:
-            await until(lambda: log.read_text().count("loading model") > starts, timeout=60, what="the final worker to start")
-            await until(lambda: _committed_sync_n(settings, 3) >= total, timeout=300, what="the final worker to finish", interval=0.3)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
-    sink = open_store(settings, store)
-    try:
-        report = await check_store(sink, stream, embedder)
-    finally:
-        await sink.close()
-    await check_last_results(settings, stream, expect=total)
+        committed_at = await run_with_kills(settings, env, log, total=total, kills=kills, rng=rng)
+    report = await check_stored_and_published(settings, store, stream, embedder)
     print(f"\nmirror under kills: {total} events, {report['ids']} ids, {stream.deletes} deletes, {stream.long_documents} "
           f"long documents ({report['chunked']} ids end chunked), {kills} SIGKILLs (committed at {committed_at}), "
           f"stale versions 0, resurrected deletes 0")
@@ -271,31 +247,49 @@ async def test_debezium_changes_under_sigkills_leave_the_table_as_it_ends(servic
     store, log = tmp_path / "qdrant", tmp_path / "worker.log"
     env = worker_env(settings, store, **DEBEZIUM_MAPPING, **{f"EMBEDWORKER_{k.upper()}": str(v) for k, v in PIPELINED.items()})
     total = len(stream.values)
-    for killed in range(kills):
-        process = start_worker(env, log)
-        before = sum((await committed_offsets(settings, 3)).values())
-        target = min(total - 1, before + max(1, (total - before) // (kills - killed + 1)))
-        await until(lambda: process.poll() is not None or _committed_sync_n(settings, 3) >= target,
-                    timeout=180, what="progress before the kill", interval=0.3)
-        assert process.poll() is None, log.read_text()[-3000:]
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    process = start_worker(env, log)
-    try:
-        await until(lambda: _committed_sync_n(settings, 3) >= total, timeout=300, what="the final worker to finish", interval=0.3)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    await run_with_kills(settings, env, log, total=total, kills=kills, rng=rng)
     assert "dead letter at" not in log.read_text(), "a Debezium event was refused"
+    report = await check_stored_and_published(settings, store, stream, embedder)
+    assert report["deleted"] > 0 and report["chunked"] > 0
+    print(f"\ndebezium mirror under kills: {total} records, {report['ids']} rows, {stream.deletes} deletes (+ tombstones), "
+          f"{report['chunked']} rows chunked, {kills} SIGKILLs, stale 0, resurrected 0")
+
+
+async def check_stored_and_published(settings: Any, store: Any, stream: Stream, embedder: Any) -> dict[str, int]:
+    """`check_store` on the store the worker processes left, then `check_last_results`."""
     sink = open_store(settings, store)
     try:
         report = await check_store(sink, stream, embedder)
     finally:
         await sink.close()
-    await check_last_results(settings, stream, expect=total)
-    assert report["deleted"] > 0 and report["chunked"] > 0
-    print(f"\ndebezium mirror under kills: {total} records, {report['ids']} rows, {stream.deletes} deletes (+ tombstones), "
-          f"{report['chunked']} rows chunked, {kills} SIGKILLs, stale 0, resurrected 0")
+    await check_last_results(settings, stream, expect=len(stream.values))
+    return report
+
+
+async def run_with_kills(settings: Any, env: dict[str, str], log: Any, *, total: int, kills: int, rng: random.Random) -> list[int]:
+    """Worker processes SIGKILLed `kills` times at random progress, then one run to the end (SIGTERM); the
+    committed total after each kill."""
+    committed_at = []
+    for killed in range(kills):
+        process = start_worker(env, log)
+        before = sum((await committed_offsets(settings, 3)).values())
+        room = max(1, (total - before) // (kills - killed + 1))
+        target = min(total - 1, before + rng.randint(max(1, room // 3), room))
+        await until(lambda: process.poll() is not None or _committed_sync_n(settings, 3) >= target,
+                    timeout=180, what="progress before the kill", interval=0.3)
+        assert process.poll() is None, log.read_text()[-3000:]
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        committed_at.append(sum((await committed_offsets(settings, 3)).values()))
+    starts = log.read_text().count("loading model")
+    process = start_worker(env, log)
+    try:
+        await until(lambda: log.read_text().count("loading model") > starts, timeout=60, what="the final worker to start")
+        await until(lambda: _committed_sync_n(settings, 3) >= total, timeout=300, what="the final worker to finish", interval=0.3)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    return committed_at
 
 
 def _committed_sync_n(settings: Any, partitions: int) -> int:
