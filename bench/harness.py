@@ -14,6 +14,7 @@ import ctypes
 import gc
 import logging
 import os
+import re
 import platform
 import random
 import statistics
@@ -153,6 +154,40 @@ def trim_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class ThreadCpu:
+    """Cores each of this process's threads used over an interval (`/proc/self/task`), by thread name.
+
+    Python threads by their names (pool members together: `qdrant-edge_0` and `_1` are
+    `qdrant-edge`), the event loop as `MainThread`, threads Python did not start (torch's
+    OpenMP pool, Rust's) as `native`.
+    """
+
+    def __enter__(self) -> "ThreadCpu":
+        self._start, self._wall0 = self._sample(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end, wall = self._sample(), max(1e-9, time.perf_counter() - self._wall0)
+        names = {t.native_id: re.sub(r"_\d+$", "", t.name) for t in threading.enumerate()}
+        cores: dict[str, float] = {}
+        for tid, seconds in end.items():
+            name = names.get(tid, "native")
+            cores[name] = cores.get(name, 0.0) + (seconds - self._start.get(tid, 0.0)) / wall
+        self.cores = {name: round(value, 3) for name, value in sorted(cores.items(), key=lambda kv: -kv[1])}
+
+    @staticmethod
+    def _sample() -> dict[int, float]:
+        ticks, found = os.sysconf("SC_CLK_TCK"), {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat", encoding="ascii") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the thread ended meanwhile
+            found[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        return found
 
 
 class RssSampler:
@@ -630,9 +665,11 @@ async def run_worker_backlog(
         while probe.first_consumed_at is None and not task.done():
             await asyncio.sleep(0.002)  # only to start the CPU meter near the first fetch
         cpu.__enter__()
+        threads = ThreadCpu().__enter__()
         profiler = PySpy.start(profile_seconds) if profile_seconds else None
         finished, _ = await asyncio.wait({task, done_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         cpu.__exit__()
+        threads.__exit__()
         if task in finished:
             task.result()
             raise RuntimeError("worker stopped before processing the backlog")
@@ -677,6 +714,7 @@ async def run_worker_backlog(
         "after": after_result,
         "load_average_before": load_before,
         "native_threads_before": native_before,
+        "thread_cores": threads.cores,
         **cpu.as_dict(),
     }
 

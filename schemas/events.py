@@ -18,6 +18,7 @@ import orjson
 # Point ids are UUID5(POINT_NAMESPACE, event id): a replayed event overwrites its own point.
 # Changing this namespace orphans every stored point, so it is part of the public contract.
 POINT_NAMESPACE = uuid.UUID("6f1c2a8e-3b7d-5e4f-9a10-e1b0d7c5a4f2")
+_NAMESPACE_BYTES = POINT_NAMESPACE.bytes
 
 RESULT_STATUS_OK = "ok"
 RESULT_STATUS_DELETED = "deleted"
@@ -201,9 +202,16 @@ def point_id(event_id: str, chunk_index: int = 0) -> str:
     Chunk 0 (a one-chunk text) is `uuid5(ns, id)`; chunk i > 0 is `uuid5(ns, id + "\\0" + str(i))`.
     Ids never hold NUL (`_check_string` refuses it), so no id names another document's chunk.
     """
-    if chunk_index == 0:
-        return str(uuid.uuid5(POINT_NAMESPACE, event_id))
-    return str(uuid.uuid5(POINT_NAMESPACE, f"{event_id}\x00{chunk_index}"))
+    return _uuid5(event_id if chunk_index == 0 else f"{event_id}\x00{chunk_index}")
+
+
+def _uuid5(name: str) -> str:
+    """`str(uuid.uuid5(POINT_NAMESPACE, name))` without the `UUID` object (a third of the time, per message)."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode("utf-8")).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def legacy_point_id(event_id: str, chunk_index: int) -> str:

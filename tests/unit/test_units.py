@@ -395,3 +395,14 @@ def test_repeated_aiokafka_lines_pass_once_a_minute():
     assert repeat.filter(record("streams.runtime", "same", 1.0)) and repeat.filter(record("streams.runtime", "same", 1.1))
     late = record("aiokafka.conn", "Unable connect to node %s", 70.0)
     assert repeat.filter(late) and "99 more" in late.msg
+
+
+def test_point_ids_are_rfc_4122_uuid5_of_the_id_and_chunk():
+    import uuid as uuid_module
+
+    from schemas.events import POINT_NAMESPACE
+
+    for doc_id in ("a", "doc-42", "é" * 40, "x" * 512, "日本"):
+        assert point_id(doc_id) == str(uuid_module.uuid5(POINT_NAMESPACE, doc_id))
+        assert point_id(doc_id, 3) == str(uuid_module.uuid5(POINT_NAMESPACE, f"{doc_id}\x003"))
+        assert uuid_module.UUID(point_id(doc_id)).version == 5
