@@ -49,7 +49,7 @@ from processors.threaded import ThreadedStore
 from processors.sink import (
     INDEX_KINDS, LEGACY_ID_SAMPLE, MODEL_SAMPLE, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredHead,
     StoredPoint, check_id_scheme, check_model, check_sparse_config, engine_vectors, replace_chunks, split_vector, stored_head,
-    WriteReport, replaceable, surplus_filter, upsert_condition,
+    WriteReport, check_quantization, replaceable, surplus_filter, upsert_condition,
 )
 from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder
 from schemas import point_id
@@ -87,6 +87,7 @@ class EdgeSink(ThreadedStore):
       loss can take and how much WAL the next start replays.
     - `sparse`: `off` (default) or `bm25`: a BM25 vector per point beside the dense one; a
       dense-only shard is then a `SinkConfigError`.
+    - `quantization`: `none` (default), `int8` or `binary`, for a shard created here.
     - `payload_only_writes`: an update of a one-chunk document with unchanged text rewrites only
       its payload (default on; `processors.sink.keeps_vector`).
     - `conditional_writes`: the version guard also inside the engine (off: a shard is one
@@ -97,6 +98,7 @@ class EdgeSink(ThreadedStore):
     def __init__(
         self, *, collection: str, path: str, flush_interval_seconds: float = 5.0, payload_indexes: dict[str, str] | None = None,
         sparse: str = SPARSE_OFF, conditional_writes: bool = False, payload_only_writes: bool = True,
+        quantization: str = "none",
     ) -> None:
         import qdrant_edge  # noqa: F401  (fail at construction when the package is missing)
 
@@ -111,6 +113,7 @@ class EdgeSink(ThreadedStore):
         self.sparse = sparse
         self.conditional_writes = conditional_writes
         self.payload_only_writes = payload_only_writes
+        self.quantization = check_quantization(quantization)
         self._bm25 = bm25_encoder(sparse)
         self._shared = _Shared(os.path.abspath(path), flush_interval_seconds)
 
@@ -180,7 +183,9 @@ class EdgeSink(ThreadedStore):
             elif create_dim is not None:
                 os.makedirs(shared.path, exist_ok=True)
                 sparse = {SPARSE_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if self._bm25 else None
-                config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=create_dim, distance=qe.Distance.Cosine), sparse_vectors=sparse)
+                vectors = qe.EdgeVectorParams(size=create_dim, distance=qe.Distance.Cosine,
+                                              quantization_config=_edge_quantization(self.quantization))
+                config = qe.EdgeConfig(vectors=vectors, sparse_vectors=sparse)
                 shard = qe.EdgeShard.create(directory, config)
                 dim = create_dim
             else:
@@ -454,3 +459,14 @@ class _EdgeTerms:
 
     def where(self, *, must: Sequence[Any] = (), should: Sequence[Any] = (), must_not: Sequence[Any] = ()) -> Any:
         return self.qe.Filter(must=list(must) or None, should=list(should) or None, must_not=list(must_not) or None)
+
+
+def _edge_quantization(kind: str) -> Any:
+    """qdrant-edge's quantization config for `kind` (None: none)."""
+    import qdrant_edge as qe
+
+    if kind == "int8":
+        return qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, always_ram=True)
+    if kind == "binary":
+        return qe.BinaryQuantizationConfig(always_ram=True)
+    return None

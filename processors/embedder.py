@@ -245,6 +245,9 @@ class SentenceTransformerEmbedder:
     - `max_sub_batch`: most texts in one forward pass (default 128 on CPU, 512 on CUDA).
     - `threads`: torch's CPU threads (default None: one per core). Several workers on one
       host, or a core left to the broker and the event loop, want fewer.
+    - `dimensions`: cut each vector to its first `dimensions` values and normalize again
+      (models trained for it, Matryoshka; sentence-transformers' `truncate_dim`). Default: all.
+      The version then names the size, so cache keys and the collection's model check differ.
     """
 
     def __init__(
@@ -255,6 +258,7 @@ class SentenceTransformerEmbedder:
         sub_batch_tokens: int | None = None,
         max_sub_batch: int | None = None,
         threads: int | None = None,
+        dimensions: int | None = None,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -265,7 +269,13 @@ class SentenceTransformerEmbedder:
         self._model = torch_thread.run(_load_model, path, self.device, threads)
         self.version = model_version(path) or model_version(_hub_snapshot(path) or "") or _weights_version(self._model)
         """Content hash of the model's files: its directory, or the hub snapshot a hub id resolved to."""
-        self.dim = int(self._model.get_embedding_dimension())
+        native = int(self._model.get_embedding_dimension())
+        if dimensions is not None and not 0 < dimensions <= native:
+            raise ValueError(f"dimensions must be between 1 and the model's {native}, not {dimensions}")
+        self.dim = dimensions or native
+        if self.dim != native:
+            # Cut vectors are other vectors: the cache key and the collection's model check must tell them apart.
+            self.version = f"{self.version or 'unknown'}+dim{self.dim}"
         self.max_tokens = int(self._model.max_seq_length)
         on_gpu = self.device != "cpu"
         self.sub_batch_tokens = sub_batch_tokens or (65536 if on_gpu else 8192)
@@ -346,12 +356,13 @@ class SentenceTransformerEmbedder:
                 if self._type_ids:
                     features["token_type_ids"] = torch.zeros_like(features["input_ids"])
                 with torch.inference_mode():
-                    output = self._model.forward(features)["sentence_embedding"]
+                    output = self._model.forward(features)["sentence_embedding"][:, : self.dim]
                 return torch.nn.functional.normalize(output.float(), dim=1).cpu().numpy()
             except Exception as exc:
                 if "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError":
                     raise  # the pipeline splits the batch; the path itself is fine
                 log.warning("direct forward pass failed (%s); using model.encode from now on", type(exc).__name__)
                 self._direct = False
-        part = self._model.encode(texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-        return np.asarray(part, dtype=np.float32)
+        part = self._model.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
+        cut = np.asarray(part, dtype=np.float32)[:, : self.dim]
+        return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)

@@ -378,6 +378,26 @@ def check_id_scheme(collection: str, samples: Sequence[tuple[str, dict[str, Any]
             )
 
 
+QUANTIZATIONS = ("none", "int8", "binary")
+
+
+def check_quantization(kind: str) -> str:
+    if kind not in QUANTIZATIONS:
+        raise SinkConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {kind!r}")
+    return kind
+
+
+def _client_quantization(kind: str) -> Any:
+    """qdrant-client's quantization config for `kind` (the quantized copy in RAM, the originals for rescoring)."""
+    from qdrant_client import models
+
+    if kind == "int8":
+        return models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True))
+    if kind == "binary":
+        return models.BinaryQuantization(binary=models.BinaryQuantizationConfig(always_ram=True))
+    return None
+
+
 class StoreWriter(Protocol):
     """What the write path needs from a store (the worker, Faust, reembed's target, dlq replay).
 
@@ -458,6 +478,7 @@ class QdrantSink(ThreadedStore):
       every write goes through this sink's one thread, so the read of chunk 0 before a write is
       exact there, and the local engine evaluates the condition in Python (~11x slower batches:
       `python -m bench.host_costs`).
+    - `quantization`: `none` (default), `int8` or `binary`, for a collection created here.
     - `payload_only_writes`: an update of a one-chunk document whose text hashes as the stored
       one's rewrites only the payload and keeps the vector (default on; `keeps_vector`).
     """
@@ -474,6 +495,7 @@ class QdrantSink(ThreadedStore):
         sparse: str = SPARSE_OFF,
         conditional_writes: bool | None = None,
         payload_only_writes: bool = True,
+        quantization: str = "none",
     ) -> None:
         from qdrant_client import QdrantClient
 
@@ -488,6 +510,7 @@ class QdrantSink(ThreadedStore):
         self._server = bool(url)
         self.conditional_writes = self._server if conditional_writes is None else conditional_writes
         self.payload_only_writes = payload_only_writes
+        self.quantization = check_quantization(quantization)
         if url:
             self._client = QdrantClient(url=url, api_key=api_key, timeout=int(timeout_seconds))
             self.location = url
@@ -543,6 +566,7 @@ class QdrantSink(ThreadedStore):
                 self._client.create_collection(
                     self.collection,
                     vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                    quantization_config=_client_quantization(self.quantization),
                     sparse_vectors_config=(
                         {SPARSE_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)} if self._bm25 else None
                     ),

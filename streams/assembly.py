@@ -60,13 +60,15 @@ def build_embedder(settings: Settings, *, model: str | None = None) -> Embedder:
             url=settings.embeddings_url,
             model=model,
             api_key=settings.embeddings_api_key or None,
-            dimensions=settings.embeddings_dimensions or None,
+            dimensions=settings.dimensions or settings.embeddings_dimensions or None,
             max_batch=settings.embeddings_max_batch,
             max_concurrency=settings.embeddings_concurrency,
             encoding=settings.embeddings_encoding,
             retry_seconds=settings.embeddings_retry_seconds,
         )
-    return SentenceTransformerEmbedder(model=model, device=settings.device, threads=settings.torch_threads or None)
+    return SentenceTransformerEmbedder(
+        model=model, device=settings.device, threads=settings.torch_threads or None, dimensions=settings.dimensions or None
+    )
 
 
 def build_sink(settings: Settings, collection: str | None = None) -> QdrantSink | EdgeSink:
@@ -74,7 +76,8 @@ def build_sink(settings: Settings, collection: str | None = None) -> QdrantSink 
     collection = collection or settings.collection
     indexes = parse_payload_indexes(settings.payload_indexes)
     if settings.qdrant_path and not settings.qdrant_url and settings.qdrant_engine == "edge":
-        return EdgeSink(collection=collection, path=settings.qdrant_path, payload_indexes=indexes, sparse=settings.sparse)
+        return EdgeSink(collection=collection, path=settings.qdrant_path, payload_indexes=indexes, sparse=settings.sparse,
+                        quantization=settings.quantization)
     if settings.qdrant_path and not settings.qdrant_url and os.path.isfile(
         os.path.join(settings.qdrant_path, collection, "edge_config.json")
     ):
@@ -86,6 +89,7 @@ def build_sink(settings: Settings, collection: str | None = None) -> QdrantSink 
         api_key=settings.qdrant_api_key or None,
         path=settings.qdrant_path or None,
         sparse=settings.sparse,
+        quantization=settings.quantization,
     )
 
 

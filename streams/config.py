@@ -200,6 +200,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("sparse", "off", _choice("off", "bm25"),
            "A sparse vector per point beside the dense one, for keyword and hybrid search (search --sparse, --hybrid): "
            "off, or bm25 (qdrant-edge's BM25 tokenizer; IDF in the engine)"),
+    Option("quantization", "none", _choice("none", "int8", "binary"),
+           "Quantization of a new collection's vectors: none, int8 (scalar) or binary, the quantized copy kept in RAM "
+           "(a Qdrant server and qdrant-edge; qdrant-client's local engine ignores it); an existing collection keeps its own"),
     Option("long_text", "chunk", _choice("chunk", "truncate"),
            "A text over the model's token limit: chunk (several points) or truncate (its first tokens)"),
     Option("chunk_overlap_tokens", 32, _int_in(0, 4096, "tokens"),
@@ -232,12 +235,15 @@ OPTIONS: tuple[Option, ...] = (
            "Dead-letter breaker: pause at more than this many dead letters in a row on a partition (0: off)"),
     Option("model", "all-MiniLM-L6-v2", _nonempty, "Model name or path (default: the bundled all-MiniLM-L6-v2)"),
     Option("device", "auto", _nonempty, "auto, cpu, cuda, cuda:N or mps"),
+    Option("dimensions", 0, _int_in(0, 65_536),
+           "Vector size: a local model's vectors are cut to it and normalized again (for models trained so: Matryoshka); "
+           "an http server is asked for it (0: what the model gives)"),
     Option("embedder", "local", _choice("local", "http"),
            "local (sentence-transformers in this process) or http (an OpenAI-compatible /v1/embeddings server)"),
     Option("embeddings_url", "", _text, "Base URL of the embeddings server, e.g. http://tei:8080/v1 (embedder http)", secret=True),
     Option("embeddings_api_key", "", _text, "API key of the embeddings server (sent as a bearer token)", secret=True),
     # 65536: the largest dense vector Qdrant accepts.
-    Option("embeddings_dimensions", 0, _int_in(0, 65_536), "Vector size asked of the server (0: what the model gives)"),
+    Option("embeddings_dimensions", 0, _int_in(0, 65_536), "The older name of EMBEDWORKER_DIMENSIONS, for the http embedder only"),
     Option("embeddings_max_batch", 32, _int_in(1, 4096, "inputs"), "Most inputs in one request to the embeddings server"),
     Option("embeddings_concurrency", 4, _int_in(1, 256, "requests"), "Requests to the embeddings server in flight at once"),
     Option("embeddings_encoding", "float", _choice("float", "base64"), "Vector encoding asked of the server"),
@@ -301,6 +307,7 @@ class Settings:
     version_guard: bool
     payload_indexes: str
     sparse: str
+    quantization: str
     long_text: str
     chunk_overlap_tokens: int
     dlq_max_payload_bytes: int
@@ -316,6 +323,7 @@ class Settings:
     embed_retry_seconds: float
     model: str
     device: str
+    dimensions: int
     embedder: str
     embeddings_url: str
     embeddings_api_key: str
