@@ -49,7 +49,7 @@ from processors.threaded import ThreadedStore
 from processors.sink import (
     INDEX_KINDS, LEGACY_ID_SAMPLE, MODEL_SAMPLE, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredHead,
     StoredPoint, check_id_scheme, check_model, check_sparse_config, engine_vectors, replace_chunks, split_vector, stored_head,
-    WriteReport, check_quantization, replaceable, surplus_filter, upsert_condition,
+    WriteReport, check_quantization, replaceable, surplus_filter, upsert_condition, versioned_collection,
 )
 from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder
 from schemas import point_id
@@ -57,6 +57,37 @@ from schemas import point_id
 log = logging.getLogger(__name__)
 
 _CONFIG_FILE = "edge_config.json"
+ALIASES_FILE = "aliases.json"
+"""qdrant-edge has no aliases (a shard is a directory): the path's own record, {alias: collection}."""
+
+
+def read_aliases(path: str) -> dict[str, str]:
+    """The alias record of an edge path (empty when there is none)."""
+    try:
+        with open(os.path.join(path, ALIASES_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return {}
+    if not isinstance(record, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in record.items()):
+        raise SinkConfigError(f"{os.path.join(path, ALIASES_FILE)} is not an alias record ({{alias: collection}})")
+    return record
+
+
+def write_aliases(path: str, record: dict[str, str]) -> None:
+    """Replace the alias record atomically (written aside, synced, renamed over): a crash leaves the old or the new."""
+    temporary = os.path.join(path, ALIASES_FILE + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(record, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, os.path.join(path, ALIASES_FILE))
+
+
+def holds_edge_shards(path: str, collection: str) -> bool:
+    """Whether `path` holds qdrant-edge shards for `collection` (directly, or behind an alias)."""
+    if os.path.isfile(os.path.join(path, ALIASES_FILE)):
+        return True
+    return os.path.isfile(os.path.join(path, collection, _CONFIG_FILE))
 
 
 _REJECTION_MARKERS = ("dimension error", "wrong input", "bad input", "bad request", "validation", "not finite", "contains nan")
@@ -73,6 +104,7 @@ class _Shared:
         self.shards: dict[str, Any] = {}  # collection -> EdgeShard (touched only on the executor thread)
         self.dims: dict[str, int] = {}
         self.last_flush: dict[str, float] = {}
+        self.aliases: dict[str, str] | None = None  # read on first use, on the executor thread
         self.closed = False
 
 
@@ -88,6 +120,9 @@ class EdgeSink(ThreadedStore):
     - `sparse`: `off` (default) or `bm25`: a BM25 vector per point beside the dense one; a
       dense-only shard is then a `SinkConfigError`.
     - `quantization`: `none` (default), `int8` or `binary`, for a shard created here.
+    - `versioned_collections`: a shard created here is `versioned_collection(collection, model)`,
+      named by the alias `collection` in the path's own record (`aliases.json`, replaced
+      atomically); an existing shard or alias is used as it is. Default off.
     - `payload_only_writes`: an update of a one-chunk document with unchanged text rewrites only
       its payload (default on; `processors.sink.keeps_vector`).
     - `conditional_writes`: the version guard also inside the engine (off: a shard is one
@@ -99,6 +134,7 @@ class EdgeSink(ThreadedStore):
         self, *, collection: str, path: str, flush_interval_seconds: float = 5.0, payload_indexes: dict[str, str] | None = None,
         sparse: str = SPARSE_OFF, conditional_writes: bool = False, payload_only_writes: bool = True,
         quantization: str = "none",
+        versioned_collections: bool = False,
     ) -> None:
         import qdrant_edge  # noqa: F401  (fail at construction when the package is missing)
 
@@ -114,6 +150,7 @@ class EdgeSink(ThreadedStore):
         self.conditional_writes = conditional_writes
         self.payload_only_writes = payload_only_writes
         self.quantization = check_quantization(quantization)
+        self.versioned_collections = versioned_collections
         self._bm25 = bm25_encoder(sparse)
         self._shared = _Shared(os.path.abspath(path), flush_interval_seconds)
 
@@ -131,8 +168,13 @@ class EdgeSink(ThreadedStore):
     def _check_collection(self, collection: str) -> None:
         _check_name(collection)
 
+    def _aliases(self) -> dict[str, str]:
+        if self._shared.aliases is None:
+            self._shared.aliases = read_aliases(self._shared.path)
+        return self._shared.aliases
+
     def _dir(self) -> str:
-        return os.path.join(self._shared.path, self.collection)
+        return os.path.join(self._shared.path, self._aliases().get(self.collection, self.collection))
 
     def _stored_sparse(self) -> dict[str, Any] | None:
         """The shard's `bm25` sparse vector config as recorded on disk; None when it has none (or no shard)."""
@@ -222,7 +264,14 @@ class EdgeSink(ThreadedStore):
             size = self._shared.dims.get(self.collection)
             if size is None:
                 size = self._stored_size()
+            named = False
+            if size is None and self.versioned_collections and self.collection not in self._aliases():
+                # Deterministic: a start that crashed before recording the alias finds its shard again.
+                self._aliases()[self.collection] = versioned_collection(self.collection, model)
+                size, named = self._stored_size(), True
             if size is not None and size != dim:
+                if named:
+                    self._aliases().pop(self.collection, None)
                 raise SinkConfigError(
                     f"collection {self.collection!r} has vectors of size {size}, the model gives {dim}; "
                     "use another EMBEDWORKER_COLLECTION or re-embed"
@@ -231,6 +280,9 @@ class EdgeSink(ThreadedStore):
                 stored = self._stored_sparse()
                 check_sparse_config(self.collection, self._bm25 is not None, (stored or {}).get("modifier"), present=stored is not None)
             shard = self._open(create_dim=dim)
+            if named:
+                write_aliases(self._shared.path, self._aliases())
+                log.info("collection %s created behind the alias %s", self._aliases()[self.collection], self.collection)
             if size is not None:
                 check_id_scheme(self.collection, self.sample_chunks(LEGACY_ID_SAMPLE))
                 check_model(self.collection, self.sample_chunks(MODEL_SAMPLE, from_index=0), model, model_version)

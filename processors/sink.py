@@ -15,6 +15,7 @@ sparse prefetch with the engine's reciprocal rank fusion (k = `RRF_K`).
 from __future__ import annotations
 
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -378,6 +379,14 @@ def check_id_scheme(collection: str, samples: Sequence[tuple[str, dict[str, Any]
             )
 
 
+def versioned_collection(alias: str, model: str | None, n: int = 1) -> str:
+    """The `n`th collection behind alias `alias` for `model`: `<alias>__<model slug>__<n>`.
+
+    Deterministic, so a start that crashed between creating it and naming it finds it again."""
+    slug = re.sub(r"[^a-z0-9]+", "-", (model or "model").lower().rstrip("/").rsplit("/", 1)[-1]).strip("-")[:48] or "model"
+    return f"{alias}__{slug}__{n}"
+
+
 QUANTIZATIONS = ("none", "int8", "binary")
 
 
@@ -479,6 +488,9 @@ class QdrantSink(ThreadedStore):
       exact there, and the local engine evaluates the condition in Python (~11x slower batches:
       `python -m bench.host_costs`).
     - `quantization`: `none` (default), `int8` or `binary`, for a collection created here.
+    - `versioned_collections`: a collection created here is `versioned_collection(collection,
+      model)` behind the alias `collection`, which every read and write goes through (Qdrant
+      resolves aliases); an existing collection or alias is used as it is. Default off.
     - `payload_only_writes`: an update of a one-chunk document whose text hashes as the stored
       one's rewrites only the payload and keeps the vector (default on; `keeps_vector`).
     """
@@ -496,6 +508,7 @@ class QdrantSink(ThreadedStore):
         conditional_writes: bool | None = None,
         payload_only_writes: bool = True,
         quantization: str = "none",
+        versioned_collections: bool = False,
     ) -> None:
         from qdrant_client import QdrantClient
 
@@ -511,6 +524,7 @@ class QdrantSink(ThreadedStore):
         self.conditional_writes = self._server if conditional_writes is None else conditional_writes
         self.payload_only_writes = payload_only_writes
         self.quantization = check_quantization(quantization)
+        self.versioned_collections = versioned_collections
         if url:
             self._client = QdrantClient(url=url, api_key=api_key, timeout=int(timeout_seconds))
             self.location = url
@@ -546,8 +560,13 @@ class QdrantSink(ThreadedStore):
     async def ensure_collection(self, dim: int, *, model: str | None = None, model_version: str | None = None) -> None:
         from qdrant_client import models
 
+        def exists() -> bool:
+            return self._client.collection_exists(self.collection) or (
+                self.versioned_collections and self._alias_target() is not None
+            )
+
         def ensure() -> None:
-            if self._client.collection_exists(self.collection):
+            if exists():
                 info = self._client.get_collection(self.collection)
                 vectors = info.config.params.vectors
                 size = getattr(vectors, "size", None)
@@ -562,18 +581,24 @@ class QdrantSink(ThreadedStore):
                 check_id_scheme(self.collection, self.sample_chunks(LEGACY_ID_SAMPLE))
                 check_model(self.collection, self.sample_chunks(MODEL_SAMPLE, from_index=0), model, model_version)
                 return
+            target = versioned_collection(self.collection, model) if self.versioned_collections else self.collection
             try:
-                self._client.create_collection(
-                    self.collection,
-                    vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
-                    quantization_config=_client_quantization(self.quantization),
-                    sparse_vectors_config=(
-                        {SPARSE_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)} if self._bm25 else None
-                    ),
-                )
+                if target == self.collection or not self._client.collection_exists(target):
+                    self._client.create_collection(
+                        target,
+                        vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                        quantization_config=_client_quantization(self.quantization),
+                        sparse_vectors_config=(
+                            {SPARSE_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)} if self._bm25 else None
+                        ),
+                    )
+                if target != self.collection:
+                    self._client.update_collection_aliases(change_aliases_operations=[models.CreateAliasOperation(
+                        create_alias=models.CreateAlias(collection_name=target, alias_name=self.collection))])
+                    log.info("collection %s created behind the alias %s", target, self.collection)
             except Exception:
                 # Another member of the group created it meanwhile (409 Conflict): check its size.
-                if not self._client.collection_exists(self.collection):
+                if not exists():
                     raise
                 ensure()
 
@@ -627,6 +652,13 @@ class QdrantSink(ThreadedStore):
     def upsert_points(self, points: Sequence[Point], writes: Sequence[DocumentWrite]) -> None:
         condition = upsert_condition(_ClientTerms(), writes) if self.conditional_writes else None
         self._client.upsert(self.collection, points=self._structs(points), wait=True, update_filter=condition)
+
+    def _alias_target(self) -> str | None:
+        """The collection the alias `collection` names (None: no such alias)."""
+        for alias in self._client.get_aliases().aliases:
+            if alias.alias_name == self.collection:
+                return alias.collection_name
+        return None
 
     def overwrite_payloads(self, writes: Sequence[DocumentWrite]) -> None:
         from qdrant_client import models

@@ -14,12 +14,11 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from processors.cache import RedisCache, VectorCache
-from processors.edge_sink import EdgeSink
+from processors.edge_sink import EdgeSink, holds_edge_shards
 from processors.embedder import Embedder, SentenceTransformerEmbedder
 from processors.errors import SinkConfigError
 from processors.pipeline import Pipeline, PipelineHooks
@@ -77,10 +76,8 @@ def build_sink(settings: Settings, collection: str | None = None) -> QdrantSink 
     indexes = parse_payload_indexes(settings.payload_indexes)
     if settings.qdrant_path and not settings.qdrant_url and settings.qdrant_engine == "edge":
         return EdgeSink(collection=collection, path=settings.qdrant_path, payload_indexes=indexes, sparse=settings.sparse,
-                        quantization=settings.quantization)
-    if settings.qdrant_path and not settings.qdrant_url and os.path.isfile(
-        os.path.join(settings.qdrant_path, collection, "edge_config.json")
-    ):
+                        quantization=settings.quantization, versioned_collections=settings.versioned_collections)
+    if settings.qdrant_path and not settings.qdrant_url and holds_edge_shards(settings.qdrant_path, collection):
         raise SinkConfigError(f"{settings.qdrant_path} holds qdrant-edge shards: open it with EMBEDWORKER_QDRANT_ENGINE=edge")
     return QdrantSink(
         collection=collection,
@@ -90,6 +87,7 @@ def build_sink(settings: Settings, collection: str | None = None) -> QdrantSink 
         path=settings.qdrant_path or None,
         sparse=settings.sparse,
         quantization=settings.quantization,
+        versioned_collections=settings.versioned_collections,
     )
 
 

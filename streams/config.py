@@ -200,6 +200,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("sparse", "off", _choice("off", "bm25"),
            "A sparse vector per point beside the dense one, for keyword and hybrid search (search --sparse, --hybrid): "
            "off, or bm25 (qdrant-edge's BM25 tokenizer; IDF in the engine)"),
+    Option("versioned_collections", False, _bool,
+           "Create a new collection as <collection>__<model>__1 behind an alias named EMBEDWORKER_COLLECTION, which every "
+           "read and write goes through (qdrant-edge: the path's aliases.json); an existing collection or alias is used as it is"),
     Option("quantization", "none", _choice("none", "int8", "binary"),
            "Quantization of a new collection's vectors: none, int8 (scalar) or binary, the quantized copy kept in RAM "
            "(a Qdrant server and qdrant-edge; qdrant-client's local engine ignores it); an existing collection keeps its own"),
@@ -307,6 +310,7 @@ class Settings:
     version_guard: bool
     payload_indexes: str
     sparse: str
+    versioned_collections: bool
     quantization: str
     long_text: str
     chunk_overlap_tokens: int
