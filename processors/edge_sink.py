@@ -341,9 +341,10 @@ class EdgeSink(ThreadedStore):
         shard, t = self._open(), _EdgeTerms()
         for w in writes:
             point = w.points[0]
-            if self.conditional_writes and w.version is not None:
-                # One chunk: chunk 0 of this id, where the stored version is not newer.
-                only = t.where(must=[t.match("id", w.doc_id), t.match("chunk_index", 0), *replaceable(t, w)])
+            if self.conditional_writes:
+                # Chunk 0 of this id, still holding the text whose vector is kept, and not newer.
+                only = t.where(must=[t.match("id", w.doc_id), t.match("chunk_index", 0),
+                                     t.match("content_hash", point.payload["content_hash"]), *replaceable(t, w)])
                 shard.update(qe.UpdateOperation.overwrite_payload_by_filter(only, point.payload))
             else:
                 shard.update(qe.UpdateOperation.overwrite_payload([point.id], point.payload))

@@ -180,7 +180,7 @@ class DirectTokenizer:
     `for_model` returns None where there is no Rust tokenizer (a slow, pure-Python one).
     """
 
-    def __init__(self, backend: Any, *, max_tokens: int) -> None:
+    def __init__(self, backend: Any, *, max_tokens: int, truncation_side: str = "right") -> None:
         from tokenizers import Tokenizer
 
         source = backend.to_str()
@@ -189,18 +189,28 @@ class DirectTokenizer:
         self._whole.no_truncation()
         self._cut = Tokenizer.from_str(source)
         self._cut.no_padding()
-        self._cut.enable_truncation(max_length=max_tokens)
+        self._cut.enable_truncation(max_length=max_tokens, direction=truncation_side)
+        # `encode_batch_fast` (no offsets) from tokenizers 0.20; `encode_batch` gives the same ids.
+        self._fast = hasattr(self._whole, "encode_batch_fast")
 
     @classmethod
     def for_model(cls, tokenizer: Any, *, max_tokens: int) -> "DirectTokenizer | None":
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None or not hasattr(backend, "to_str"):
             return None
-        return cls(backend, max_tokens=max_tokens)
+        try:  # a tokenizer with custom Python parts does not serialize: the wrapper it is
+            return cls(backend, max_tokens=max_tokens, truncation_side=getattr(tokenizer, "truncation_side", "right"))
+        except Exception as exc:
+            log.info("tokenizing through transformers' wrapper (%s)", type(exc).__name__)
+            return None
+
+    def _encode(self, tokenizer: Any, texts: Sequence[str]) -> list[Any]:
+        encode = tokenizer.encode_batch_fast if self._fast else tokenizer.encode_batch
+        return encode(list(texts), add_special_tokens=True)
 
     def count(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text with special tokens, untruncated."""
-        return [len(encoding) for encoding in self._whole.encode_batch_fast(list(texts), add_special_tokens=True)]
+        return [len(encoding) for encoding in self._encode(self._whole, texts)]
 
     def offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
         """Character spans of each text's content tokens (no special tokens, untruncated)."""
@@ -208,7 +218,7 @@ class DirectTokenizer:
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text with special tokens, cut at `max_tokens`."""
-        return [encoding.ids for encoding in self._cut.encode_batch_fast(list(texts), add_special_tokens=True)]
+        return [encoding.ids for encoding in self._encode(self._cut, texts)]
 
 
 def _plain_transformer(model: object) -> bool:

@@ -86,6 +86,13 @@ def keeps_vector(write: DocumentWrite, head: StoredHead | None) -> bool:
     return write.points[0].payload.get("content_hash") == head.content_hash
 
 
+def _rewritten(write: DocumentWrite, head: StoredHead | None) -> bool:
+    """Whether a payload rewrite of `write` is what is stored now (its text, its version)."""
+    if head is None or head.content_hash != write.points[0].payload.get("content_hash"):
+        return False
+    return write.version is None or head.version == write.version
+
+
 @dataclass(frozen=True, slots=True)
 class WriteReport:
     """What a store write did besides writing: documents skipped as stale, documents whose vector was kept."""
@@ -213,7 +220,10 @@ class ChunkEngine(Protocol):
         ...
 
     def overwrite_payloads(self, writes: Sequence[DocumentWrite]) -> None:
-        """Replace the whole payload of each write's one point, keeping its vectors (see `keeps_vector`)."""
+        """Replace the whole payload of each write's one point, keeping its vectors (see `keeps_vector`).
+
+        Where `conditional_writes` is on, only where the stored point still holds the same text
+        (`content_hash`) and is not newer: another writer may have replaced it since it was read."""
         ...
 
     def sample_chunks(self, limit: int, *, from_index: int = 1) -> list[tuple[str, dict[str, Any]]]:
@@ -248,6 +258,11 @@ def replace_chunks(engine: ChunkEngine, writes: Sequence[DocumentWrite], *, payl
         kept = [w for w in fresh if keeps_vector(w, heads.get(w.doc_id))] if payload_only else []
         if kept:
             engine.overwrite_payloads(kept)
+            if engine.conditional_writes:
+                # Another process may have written one of them between the read and the rewrite (the
+                # rewrite then matched nothing): those get the full, conditional write after all.
+                now = engine.stored_heads([w.doc_id for w in kept])
+                kept = [w for w in kept if _rewritten(w, now.get(w.doc_id))]
             unchanged = {w.doc_id for w in kept}
             fresh = [w for w in fresh if w.doc_id not in unchanged]
         points = [p for w in fresh for p in w.points]
@@ -667,10 +682,12 @@ class QdrantSink(ThreadedStore):
         operations = []
         for w in writes:
             point = w.points[0]
-            if self.conditional_writes and w.version is not None:
-                # As the upsert's condition: never over a newer version that landed since chunk 0 was read.
+            if self.conditional_writes:
+                # Only over the text whose vector is kept, and (as the upsert's condition) never over a
+                # newer version that landed since chunk 0 was read.
+                same_text = t.match("content_hash", point.payload["content_hash"])
                 target = models.SetPayload(payload=point.payload, filter=t.where(
-                    must=[models.HasIdCondition(has_id=[point.id]), *replaceable(t, w)]))
+                    must=[models.HasIdCondition(has_id=[point.id]), same_text, *replaceable(t, w)]))
             else:
                 target = models.SetPayload(payload=point.payload, points=[point.id])
             operations.append(models.OverwritePayloadOperation(overwrite_payload=target))

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from processors.embedder import Embedder, Embeddings
-from processors.sink import DocumentWrite, Hit, VectorStore
+from processors.sink import DocumentWrite, Hit, VectorStore, WriteReport
 
 DIM = 8
 
@@ -109,7 +109,7 @@ class FailingSink:
     async def ensure_collection(self, dim: int, **checks: Any) -> None:
         await self.inner.ensure_collection(dim, **checks)
 
-    async def write(self, writes: Sequence[DocumentWrite]) -> int:
+    async def write(self, writes: Sequence[DocumentWrite]) -> WriteReport:
         if self.failing or self.fail_next > 0:
             self.fail_next = max(0, self.fail_next - 1)
             self.failed_calls += 1

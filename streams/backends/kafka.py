@@ -182,11 +182,13 @@ def _acknowledged(ack: "asyncio.Future[Any]") -> "asyncio.Future[Any]":
     translated: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def settle(done: "asyncio.Future[Any]") -> None:
+        # The exception is read first, even when nobody waits any more: else asyncio logs it as never retrieved.
+        exc = None if done.cancelled() else done.exception()
         if translated.done():
             return
         if done.cancelled():
             translated.cancel()
-        elif (exc := done.exception()) is not None:
+        elif exc is not None:
             if isinstance(exc, client_errors()):
                 error = from_client(exc)
                 error.__cause__ = exc
@@ -196,6 +198,8 @@ def _acknowledged(ack: "asyncio.Future[Any]") -> "asyncio.Future[Any]":
             translated.set_result(done.result())
 
     ack.add_done_callback(settle)
+    # Cancelling the acknowledgement (a shutdown's gather) cancels the client's future, as before.
+    translated.add_done_callback(lambda future: ack.cancel() if future.cancelled() else None)
     return translated
 
 

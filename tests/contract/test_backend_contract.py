@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 import orjson
 import pytest
 
-from streams.backends import BrokerError, CommitFailed, RecordTooLarge, TopicPartition
+from streams.backends import BrokerError, CommitFailed, NotAssigned, RecordTooLarge, TopicPartition
 from streams.backends.kafka import KafkaBackend
 from streams.backends.memory import MemoryBroker
 from support import event, make_settings, memory_settings, until
@@ -186,4 +186,5 @@ async def test_a_commit_of_a_partition_not_owned_is_refused_with_the_projects_er
         await subscribed(consumer, topic)
         with pytest.raises(BrokerError) as refused:
             await consumer.commit({TopicPartition(topic + "-not-ours", 0): 1})
-    assert isinstance(refused.value, (CommitFailed, BrokerError)) and refused.value.kind
+    # The in-memory broker says the group moved on; aiokafka checks the assignment first.
+    assert type(refused.value) in (CommitFailed, NotAssigned) and refused.value.kind

@@ -110,3 +110,47 @@ async def test_turned_off_every_update_writes_the_vector(kind, tmp_path):
         vector_after, payload = await stored(sink, "a")
         assert payload["metadata"] == {"rev": 2}
         assert not np.array_equal(vector_before, vector_after) and counts["payload_only"] == []
+
+
+class Interloper:
+    """An engine where another process's write lands between our read of chunk 0 and our payload rewrite."""
+
+    def __init__(self, engine: Any, other: Any) -> None:
+        self.engine, self.other = engine, other
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def overwrite_payloads(self, writes: Any) -> None:
+        self.engine.upsert_points(list(self.other.points), [self.other])
+        self.engine.overwrite_payloads(writes)
+
+
+def one_chunk(doc_id: str, text_hash: str, vector: np.ndarray, version: int, **metadata: Any) -> Any:
+    from processors.sink import DocumentWrite, Point, version_payload
+
+    v = Version("t/0", version)
+    payload = {"id": doc_id, "chunk_index": 0, "chunk_count": 1, "content_hash": text_hash, "metadata": metadata,
+               **version_payload(v)}
+    return DocumentWrite(doc_id=doc_id, points=(Point(id=point_id(doc_id), vector=vector, payload=payload),), version=v)
+
+
+async def test_a_text_written_by_another_process_meanwhile_never_gets_our_kept_vector(kind, tmp_path):
+    """Read v1 (text A); another writer lands v2 (text B); our v3 (text A, new metadata) must not keep B's vector."""
+    from processors.sink import replace_chunks
+
+    sink = make_store(kind, tmp_path, f"r{uuid.uuid4().hex[:6]}")
+    sink.conditional_writes = True  # what a server gets: other processes write there
+    try:
+        await sink.ensure_collection(8)
+        rng = np.random.default_rng(5)
+        a, b = (v / np.linalg.norm(v) for v in rng.standard_normal((2, 8)).astype(np.float32))
+        await sink._call(replace_chunks, sink, [one_chunk("d", "hash-A", a, 1, rev=1)])
+        ours = one_chunk("d", "hash-A", a, 3, rev=3)
+        report = await sink._call(replace_chunks, Interloper(sink, one_chunk("d", "hash-B", b, 2, rev=2)), [ours])
+        vector, payload = await stored(sink, "d")
+        assert payload["content_hash"] == "hash-A" and payload["metadata"] == {"rev": 3} and payload["version"] == 3
+        assert np.allclose(vector, a, atol=1e-6), "text A stored with the other writer's vector"
+        assert report.payload_only == 0, "the rewrite that matched nothing is not counted as one"
+    finally:
+        await sink.close()
