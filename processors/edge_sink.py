@@ -39,6 +39,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
@@ -49,7 +50,7 @@ from processors.threaded import ThreadedStore
 from processors.sink import (
     INDEX_KINDS, LEGACY_ID_SAMPLE, MODEL_SAMPLE, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredHead,
     StoredPoint, check_id_scheme, check_model, check_sparse_config, engine_vectors, replace_chunks, split_vector, stored_head,
-    WriteReport, check_quantization, replaceable, surplus_filter, upsert_condition, versioned_collection,
+    MAX_RECORD_BYTES, WriteReport, check_quantization, parse_record, record_text, replaceable, surplus_filter, upsert_condition, versioned_collection,
 )
 from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder
 from schemas import point_id
@@ -75,12 +76,36 @@ def read_aliases(path: str) -> dict[str, str]:
 
 def write_aliases(path: str, record: dict[str, str]) -> None:
     """Replace the alias record atomically (written aside, synced, renamed over): a crash leaves the old or the new."""
-    temporary = os.path.join(path, ALIASES_FILE + ".tmp")
+    _replace_file(path, ALIASES_FILE, json.dumps(record, sort_keys=True))
+
+
+def _replace_file(path: str, name: str, text: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    temporary = os.path.join(path, name + ".tmp")
     with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(record, f, sort_keys=True)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(temporary, os.path.join(path, ALIASES_FILE))
+    os.replace(temporary, os.path.join(path, name))
+
+
+CONTROL_FILE = "control.json"
+"""The path's control records ({key: JSON text}), replaced atomically like the alias record."""
+
+
+def read_control(path: str) -> dict[str, str]:
+    try:
+        with open(os.path.join(path, CONTROL_FILE), encoding="utf-8") as f:
+            text = f.read(MAX_RECORD_BYTES * 4 + 1)
+    except FileNotFoundError:
+        return {}
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in record.items()):
+        raise SinkConfigError(f"{os.path.join(path, CONTROL_FILE)} is not a control record ({{key: JSON text}})")
+    return record
 
 
 def holds_edge_shards(path: str, collection: str) -> bool:
@@ -173,8 +198,12 @@ class EdgeSink(ThreadedStore):
             self._shared.aliases = read_aliases(self._shared.path)
         return self._shared.aliases
 
+    def _name(self) -> str:
+        """The shard this view writes: the collection, or the one its alias names (open shards are keyed by it)."""
+        return self._aliases().get(self.collection, self.collection)
+
     def _dir(self) -> str:
-        return os.path.join(self._shared.path, self._aliases().get(self.collection, self.collection))
+        return os.path.join(self._shared.path, self._name())
 
     def _stored_sparse(self) -> dict[str, Any] | None:
         """The shard's `bm25` sparse vector config as recorded on disk; None when it has none (or no shard)."""
@@ -213,7 +242,7 @@ class EdgeSink(ThreadedStore):
         import qdrant_edge as qe
 
         shared = self._shared
-        shard = shared.shards.get(self.collection)
+        shard = shared.shards.get(self._name())
         if shard is not None:
             return shard
         directory = self._dir()
@@ -241,9 +270,9 @@ class EdgeSink(ThreadedStore):
                     "stop the other worker first, or use a Qdrant server)"
                 ) from None
             raise
-        shared.shards[self.collection] = shard
-        shared.dims[self.collection] = dim
-        shared.last_flush[self.collection] = time.monotonic()
+        shared.shards[self._name()] = shard
+        shared.dims[self._name()] = dim
+        shared.last_flush[self._name()] = time.monotonic()
         return shard
 
     # ---- the StoreWriter interface ----------------------------------------------------------
@@ -252,7 +281,7 @@ class EdgeSink(ThreadedStore):
         """The collection's vector size, or None when it does not exist."""
 
         def size() -> int | None:
-            known = self._shared.dims.get(self.collection)
+            known = self._shared.dims.get(self._name())
             return known if known is not None else self._stored_size()
 
         return await self._call(size)
@@ -261,7 +290,7 @@ class EdgeSink(ThreadedStore):
         import qdrant_edge as qe
 
         def ensure() -> None:
-            size = self._shared.dims.get(self.collection)
+            size = self._shared.dims.get(self._name())
             if size is None:
                 size = self._stored_size()
             named = False
@@ -292,6 +321,8 @@ class EdgeSink(ThreadedStore):
             for field_name, kind in self.payload_indexes.items():
                 if field_name not in known:
                     shard.update(qe.UpdateOperation.create_field_index(field_name, kinds[kind]))
+            if self.pin_alias:
+                self.collection = self._name()
 
         await self._call(ensure)
 
@@ -316,7 +347,7 @@ class EdgeSink(ThreadedStore):
 
     @property
     def vector_dim(self) -> int | None:
-        return self._shared.dims.get(self.collection)
+        return self._shared.dims.get(self._name())
 
     def stored_heads(self, doc_ids: Sequence[str]) -> dict[str, StoredHead]:
         by_point = {point_id(d): d for d in doc_ids}
@@ -383,18 +414,18 @@ class EdgeSink(ThreadedStore):
     def _maybe_flush(self, shard: Any) -> None:
         shared = self._shared
         now = time.monotonic()
-        if now - shared.last_flush.get(self.collection, 0.0) >= shared.flush_interval_seconds:
+        if now - shared.last_flush.get(self._name(), 0.0) >= shared.flush_interval_seconds:
             shard.flush()
-            shared.last_flush[self.collection] = time.monotonic()
+            shared.last_flush[self._name()] = time.monotonic()
 
     async def flush(self) -> None:
         """Make everything upserted so far durable against power loss (msync)."""
 
         def flush() -> None:
-            shard = self._shared.shards.get(self.collection)
+            shard = self._shared.shards.get(self._name())
             if shard is not None:
                 shard.flush()
-                self._shared.last_flush[self.collection] = time.monotonic()
+                self._shared.last_flush[self._name()] = time.monotonic()
 
         await self._call(flush)
 
@@ -448,7 +479,7 @@ class EdgeSink(ThreadedStore):
 
     async def healthy(self) -> bool:
         def check() -> bool:
-            shard = self._shared.shards.get(self.collection)
+            shard = self._shared.shards.get(self._name())
             if shard is not None:
                 shard.info()
                 return True
@@ -483,6 +514,59 @@ class EdgeSink(ThreadedStore):
         finally:
             shared.closed = True
             shared.executor.shutdown(wait=False)
+
+
+    # ---- StoreAdmin (the alias record and control records are files; a flip is one rename) -----
+
+    async def alias_target(self, alias: str) -> str | None:
+        return await self._call(lambda: self._aliases().get(alias))
+
+    async def switch_alias(self, alias: str, collection: str) -> None:
+        _check_name(collection)
+
+        def switch() -> None:
+            if not os.path.isfile(os.path.join(self._shared.path, collection, _CONFIG_FILE)):
+                raise SinkConfigError(f"collection {collection!r} does not exist in {self.location}")
+            self._aliases()[alias] = collection
+            write_aliases(self._shared.path, self._aliases())
+
+        await self._call(switch)
+
+    async def collection_exists(self, name: str) -> bool:
+        _check_name(name)
+        return await self._call(lambda: os.path.isfile(os.path.join(self._shared.path, name, _CONFIG_FILE)))
+
+    async def drop_collection(self, name: str) -> None:
+        _check_name(name)
+
+        def drop() -> None:
+            if name in self._aliases().values():
+                raise SinkConfigError(f"collection {name!r} is behind an alias; switch the alias first")
+            shard = self._shared.shards.pop(name, None)
+            if shard is not None:
+                shard.close()
+            self._shared.dims.pop(name, None)
+            shutil.rmtree(os.path.join(self._shared.path, name), ignore_errors=True)
+
+        await self._call(drop)
+
+    async def read_record(self, key: str) -> Any:
+        def read() -> Any:
+            text = read_control(self._shared.path).get(key)
+            return None if text is None else parse_record(text, f"{CONTROL_FILE}[{key!r}]")
+
+        return await self._call(read)
+
+    async def write_record(self, key: str, value: Any) -> None:
+        def write() -> None:
+            record = read_control(self._shared.path)
+            if value is None:
+                record.pop(key, None)
+            else:
+                record[key] = record_text(value)
+            _replace_file(self._shared.path, CONTROL_FILE, json.dumps(record, sort_keys=True))
+
+        await self._call(write)
 
 
 def _check_name(collection: str) -> None:

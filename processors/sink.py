@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -481,8 +482,62 @@ class StoreExport(Protocol):
         ...
 
 
-class VectorStore(StoreWriter, StoreSearch, StoreExport, Protocol):
+class StoreAdmin(Protocol):
+    """Collections and aliases by name, and small JSON control records (`embedworker migrate`).
+
+    A record is kept by the store itself, so every worker that writes the store sees it: on
+    qdrant-client engines the payload of one point per key in the `CONTROL_COLLECTION`, on
+    qdrant-edge a file beside the alias record. Values read back are untrusted (validated by
+    their reader)."""
+
+    async def alias_target(self, alias: str) -> str | None:
+        """The collection `alias` names; None when it is no alias."""
+        ...
+
+    async def switch_alias(self, alias: str, collection: str) -> None:
+        """Point `alias` at `collection` in one step (readers see the old or the new, never none)."""
+        ...
+
+    async def collection_exists(self, name: str) -> bool: ...
+
+    async def drop_collection(self, name: str) -> None: ...
+
+    async def read_record(self, key: str) -> Any:
+        """The JSON value stored under `key` (None: none)."""
+        ...
+
+    async def write_record(self, key: str, value: Any) -> None:
+        """Store a JSON value under `key` (None deletes it)."""
+        ...
+
+
+class VectorStore(StoreWriter, StoreSearch, StoreExport, StoreAdmin, Protocol):
     """A whole store, as `build_sink` returns it; each caller asks only for the part it uses."""
+
+
+CONTROL_COLLECTION = "embedworker_control"
+"""Where qdrant-client engines keep control records: one point per key, a 1-value vector, the value as JSON text."""
+MAX_RECORD_BYTES = 64 * 1024
+
+
+def record_text(value: Any) -> str:
+    import orjson
+
+    text = orjson.dumps(value).decode()
+    if len(text) > MAX_RECORD_BYTES:
+        raise SinkConfigError(f"a control record is {len(text)} bytes, over {MAX_RECORD_BYTES}")
+    return text
+
+
+def parse_record(text: Any, where: str) -> Any:
+    import orjson
+
+    if not isinstance(text, str) or len(text) > MAX_RECORD_BYTES:
+        raise SinkConfigError(f"the control record in {where} is not JSON text under {MAX_RECORD_BYTES} bytes")
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise SinkConfigError(f"the control record in {where} is not JSON") from None
 
 
 class QdrantSink(ThreadedStore):
@@ -628,6 +683,8 @@ class QdrantSink(ThreadedStore):
 
         await self._call(ensure)
         await self._call(index)
+        if self.pin_alias and (target := await self._call(self._alias_target)) is not None:
+            self.collection = target
         self._dims[self.collection] = dim
 
     @property
@@ -668,12 +725,70 @@ class QdrantSink(ThreadedStore):
         condition = upsert_condition(_ClientTerms(), writes) if self.conditional_writes else None
         self._client.upsert(self.collection, points=self._structs(points), wait=True, update_filter=condition)
 
-    def _alias_target(self) -> str | None:
-        """The collection the alias `collection` names (None: no such alias)."""
+    def _alias_target(self, name: str | None = None) -> str | None:
+        """The collection the alias `name` (default: `collection`) names (None: no such alias)."""
+        name = name or self.collection
         for alias in self._client.get_aliases().aliases:
-            if alias.alias_name == self.collection:
+            if alias.alias_name == name:
                 return alias.collection_name
         return None
+
+    # ---- StoreAdmin -------------------------------------------------------------------------
+
+    async def alias_target(self, alias: str) -> str | None:
+        return await self._call(self._alias_target, alias)
+
+    async def switch_alias(self, alias: str, collection: str) -> None:
+        from qdrant_client import models
+
+        def switch() -> None:
+            operations: list[Any] = []
+            if self._alias_target(alias) is not None:
+                operations.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
+            operations.append(models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)))
+            self._client.update_collection_aliases(change_aliases_operations=operations)  # one request: atomic on a server
+
+        await self._call(switch)
+
+    async def collection_exists(self, name: str) -> bool:
+        return bool(await self._call(self._client.collection_exists, name))
+
+    async def drop_collection(self, name: str) -> None:
+        await self._call(self._client.delete_collection, name)
+
+    def _record_id(self, key: str) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"embedworker-control:{key}"))
+
+    async def read_record(self, key: str) -> Any:
+        def read() -> Any:
+            if not self._client.collection_exists(CONTROL_COLLECTION):
+                return None
+            found = self._client.retrieve(CONTROL_COLLECTION, ids=[self._record_id(key)], with_payload=True)
+            if not found:
+                return None
+            return parse_record((found[0].payload or {}).get("value"), f"{CONTROL_COLLECTION}[{key!r}]")
+
+        return await self._call(read)
+
+    async def write_record(self, key: str, value: Any) -> None:
+        from qdrant_client import models
+
+        def write() -> None:
+            if value is None:
+                if self._client.collection_exists(CONTROL_COLLECTION):
+                    self._client.delete(CONTROL_COLLECTION, points_selector=models.PointIdsList(points=[self._record_id(key)]), wait=True)
+                return
+            if not self._client.collection_exists(CONTROL_COLLECTION):
+                try:
+                    self._client.create_collection(
+                        CONTROL_COLLECTION, vectors_config=models.VectorParams(size=1, distance=models.Distance.COSINE))
+                except Exception:
+                    if not self._client.collection_exists(CONTROL_COLLECTION):  # not another writer's create
+                        raise
+            point = models.PointStruct(id=self._record_id(key), vector=[1.0], payload={"key": key, "value": record_text(value)})
+            self._client.upsert(CONTROL_COLLECTION, points=[point], wait=True)
+
+        await self._call(write)
 
     def overwrite_payloads(self, writes: Sequence[DocumentWrite]) -> None:
         from qdrant_client import models

@@ -18,6 +18,9 @@ T = TypeVar("T", bound="ThreadedStore")
 class ThreadedStore:
     collection: str
     location: str
+    pin_alias = False
+    """When `collection` is an alias, write the collection it names at `ensure_collection` from then on:
+    a later flip of the alias (`embedworker migrate cutover`) must never redirect a running writer."""
 
     def _executor(self) -> ThreadPoolExecutor:
         raise NotImplementedError
@@ -38,4 +41,5 @@ class ThreadedStore:
         self._check_collection(collection)
         view = copy.copy(self)
         view.collection = collection
+        view.pin_alias = False
         return view

@@ -148,10 +148,12 @@ class Parts:
     cache: VectorCache | None
     metrics: Metrics
 
-    def worker(self, *, backend: "Backend | None" = None, observer: "WorkerObserver | None" = None) -> "Worker":
-        """A `Worker` on these parts (see `build_worker`)."""
+    def worker(
+        self, *, backend: "Backend | None" = None, observer: "WorkerObserver | None" = None, sink: StoreWriter | None = None,
+    ) -> "Worker":
+        """A `Worker` on these parts (see `build_worker`); `sink`: a view of `self.sink` to write instead (`pinned_sink`)."""
         return build_worker(
-            self.settings, embedder=self.embedder, sink=self.sink, cache=self.cache, metrics=self.metrics,
+            self.settings, embedder=self.embedder, sink=sink or self.sink, cache=self.cache, metrics=self.metrics,
             backend=backend, observer=observer,
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import orjson
 
-from streams.config import ConfigError, Settings, add_arguments, load_settings
+from streams.config import OPTIONS, ConfigError, Settings, add_arguments, load_settings
 from streams.commands.common import DEFAULT_TIMEOUT_SECONDS, FORMATS, UserError
 
 log = logging.getLogger("embedworker")
@@ -41,6 +42,7 @@ SETTINGS_OF: dict[str, set[str] | None] = {
     "status": _KAFKA | _LOGS | {"input_topic", "group_id"},
     "reembed": _KAFKA | _QDRANT | _LIMITS | _LOGS | {"input_topic", "device", "store_text", "sparse"},
     "dlq": _KAFKA | _LOGS | {"input_topic", "dlq_topic", "max_message_bytes"},
+    "migrate": None,
 }
 
 
@@ -143,7 +145,8 @@ async def _run_worker(settings: Settings) -> int:
     from processors.errors import SinkConfigError
     from streams.assembly import assemble
     from streams.metrics import Metrics
-    from streams.runtime import Worker, WorkerError
+    from streams.migration import MigrationFollower, pinned_sink
+    from streams.runtime import WorkerError
 
     metrics = Metrics()
     if settings.metrics_port:
@@ -154,7 +157,7 @@ async def _run_worker(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     # Handlers first: a SIGTERM while the model loads (seconds) is a clean stop, not a kill.
     signals = {"count": 0}
-    workers: list[Worker] = []
+    workers: list[Any] = []  # what a signal stops: the worker and the migration follower
 
     def on_signal() -> None:
         signals["count"] += 1
@@ -174,13 +177,21 @@ async def _run_worker(settings: Settings) -> int:
     log.info("loading model %s on %s", settings.model, settings.device)
     try:
         async with assemble(settings, metrics=metrics) as parts:
-            worker = parts.worker()
-            workers.append(worker)
+            worker = parts.worker(sink=await pinned_sink(settings, parts.sink))
+            follower = MigrationFollower(settings, parts, main=worker)
+            workers.extend([worker, follower])
             if signals["count"]:
                 worker.request_stop()  # asked to stop while starting: run() commits nothing and returns
-            await worker.run()
+            following = asyncio.create_task(follower.run())
+            try:
+                await worker.run()
+            finally:
+                follower.request_stop()
+                await following
     except (SinkConfigError, WorkerError, ConfigError, EmbeddingServerError) as exc:
         raise UserError(str(exc)) from None
+    if follower.failure:
+        raise UserError(follower.failure)
     log.info("stopped cleanly: %d processed, %d dead letters", worker.stats.processed, worker.stats.dead_letters)
     return 0
 
@@ -334,6 +345,114 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from streams import migration as steps
+
+    settings = _tool_settings(args)
+    action = args.cmd_migrate_action
+    if action == "start":
+        done = asyncio.run(steps.start(
+            settings, model=args.cmd_model, dimensions=args.cmd_dimensions or 0, embedder=args.cmd_embedder,
+            embeddings_url=args.cmd_embeddings_url or "", quantization=args.cmd_quantization,
+            backfill_from=args.cmd_backfill_from, timeout=args.cmd_timeout,
+        ))
+        next_step = "embedworker migrate backfill" if done.phase == "backfill" else "embedworker migrate check"
+        print(f"migration of {done.alias} started: {done.old.describe()} -> {done.new.describe()}, shadow group "
+              f"{done.shadow_group}, phase {done.phase}; next: {next_step}")
+    elif action == "backfill":
+        done, report = asyncio.run(steps.backfill(settings, batch_size=args.cmd_batch_size))
+        if report is None:
+            print(f"nothing to backfill: the migration of {done.alias} is in phase {done.phase}")
+        else:
+            b = done.backfill
+            print(f"backfilled {b['embedded']} documents into {done.new.collection} in {b['seconds']}s "
+                  f"({b['documents_per_second']}/s); dual writes begin; next: embedworker migrate check")
+    elif action == "check":
+        report = asyncio.run(steps.check(
+            settings, queries_file=args.cmd_queries, sample=args.cmd_sample, min_recall=args.cmd_min_recall,
+            min_overlap=args.cmd_min_overlap, timeout=args.cmd_timeout,
+        ))
+        _print_json(dataclasses.asdict(report))
+        verdict = "PASS" if report.passed else "FAIL: " + "; ".join(report.reasons)
+        print(f"check: {verdict}")
+        return 0 if report.passed else 1
+    elif action in ("cutover", "rollback"):
+        done = asyncio.run(steps.cutover(settings, force=args.cmd_force) if action == "cutover" else steps.rollback(settings))
+        print(f"{done.alias} now names {done.served.describe()} (phase {done.phase}); both collections are still written")
+    elif action == "finish":
+        done = asyncio.run(steps.finish(settings, drop_old=args.cmd_drop_old))
+        print(f"migration of {done.alias} finished: it serves {done.served.describe()}; dual writes stop"
+              + ("; the other collection was dropped" if args.cmd_drop_old else ""))
+    else:
+        _print_json(asyncio.run(steps.status(settings, timeout=args.cmd_timeout)))
+    return 0
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, not {text!r}")
+    return value
+
+
+def _add_migrate(command: argparse.ArgumentParser) -> None:
+    """`migrate STEP`: each step a parser of its own, with the worker's settings flags (the old side's model)."""
+    steps = command.add_subparsers(dest="cmd_migrate_action", metavar="STEP")
+    steps.required = True
+    helps = {
+        "start": "Create the shadow collection for a new model, fix where its consumer group starts, record the migration.",
+        "backfill": "Copy the live collection into the shadow with the new model (versions kept); then dual writes begin.",
+        "check": "The quality gate: every live document in the shadow, recall@10 and top-10 overlap; exits 1 below the thresholds.",
+        "cutover": "Point the alias at the new collection in one step (after a passing check, unless --force).",
+        "rollback": "Point the alias back at the old collection (kept current until finish).",
+        "finish": "Stop dual writes; --drop-old deletes the collection the alias no longer names.",
+        "status": "The phase, both collections and their point counts, the shadow's lag, the last check (JSON).",
+    }
+    for name, help_text in helps.items():
+        step = steps.add_parser(name, help=help_text, description=help_text)
+        step.set_defaults(cmd_function=cmd_migrate)
+        if name == "start":
+            step.add_argument("--model", dest="cmd_model", required=True, metavar="MODEL",
+                              help="The new model (the old side is the worker's: EMBEDWORKER_MODEL and the rest from the environment)")
+            step.add_argument("--dimensions", dest="cmd_dimensions", type=_positive_int, metavar="D",
+                              help="Cut the new model's vectors to D values (Matryoshka models; default: all)")
+            step.add_argument("--embedder", dest="cmd_embedder", choices=("local", "http"),
+                              help="The new model's embedder (default: the worker's EMBEDWORKER_EMBEDDER)")
+            step.add_argument("--embeddings-url", dest="cmd_embeddings_url", metavar="URL",
+                              help="The embedding server of the new model (--embedder http)")
+            step.add_argument("--quantization", dest="cmd_quantization", choices=("none", "int8", "binary"),
+                              help="The new collection's quantization (default: EMBEDWORKER_QUANTIZATION)")
+            step.add_argument("--backfill-from", dest="cmd_backfill_from", choices=("collection", "topic"), default="collection",
+                              help="collection (default): copy the stored texts; topic: the shadow replays the input topic from its start")
+        if name == "backfill":
+            step.add_argument("--batch-size", dest="cmd_batch_size", type=_positive_int, default=256, metavar="N",
+                              help="Texts per batch (default 256)")
+        if name == "check":
+            step.add_argument("--queries", dest="cmd_queries", metavar="FILE",
+                              help='Labelled queries, JSON lines of {"query": text, "ids": [relevant ids]} '
+                              "(default: sampled stored texts, each expected to find its own document)")
+            step.add_argument("--sample", dest="cmd_sample", type=_positive_int, default=50, metavar="N",
+                              help="Canary queries sampled from the live collection (default 50)")
+            step.add_argument("--min-recall", dest="cmd_min_recall", type=_fraction, default=0.8, metavar="R",
+                              help="Fail below this recall@10 of the shadow (default 0.8)")
+            step.add_argument("--min-overlap", dest="cmd_min_overlap", type=_fraction, default=0.0, metavar="F",
+                              help="Fail below this share of the live top 10 that the shadow also returns (default 0: reported only)")
+        if name == "cutover":
+            step.add_argument("--force", dest="cmd_force", action="store_true", help="Without a passing check")
+        if name == "finish":
+            step.add_argument("--drop-old", dest="cmd_drop_old", action="store_true",
+                              help="Delete the collection the alias no longer names")
+        if name in ("start", "check", "status"):
+            _timeout_argument(step, "the broker")
+        # `start` names the new side with the flags the worker uses for its model; the old side is the environment's.
+        new_side = {"model", "dimensions", "embedder", "embeddings_url", "quantization"}
+        add_arguments(step, {o.name for o in OPTIONS} - new_side if name == "start" else None)
+        _escape_percent(step)
+
+
 def _since(text: str) -> float:
     from streams.commands.dlq import parse_since
 
@@ -484,6 +603,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "status": (cmd_status, "Per input partition: the group's committed offset, the log end and the lag; with --metrics-url, each worker's paused state and rate."),
     "reembed": (cmd_reembed, "Re-embed a collection's texts, or a range of the input topic, with another model into a new collection."),
     "dlq": (cmd_dlq_replay, "Dead letters: `embedworker dlq replay` re-publishes their original events to the input topic."),
+    "migrate": (cmd_migrate, "Change the model behind the collection's alias without downtime: start, backfill, check, cutover, rollback, finish, status."),
 }
 
 
@@ -505,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(cmd_function=function)
         if name == "dlq":
             _add_dlq(command)  # settings flags go on its actions: `dlq replay --dlq-topic X`
+            continue
+        if name == "migrate":
+            _add_migrate(command)
             continue
         if name == "demo":
             command.add_argument("--count", dest="cmd_count", type=int, default=1200, help="Valid sample events to produce (default 1200)")

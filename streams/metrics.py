@@ -2,7 +2,7 @@
 
 Prefix `embedworker_`, base units, `_total` for counters, and only bounded label values:
 `topic`/`partition` (bounded by the topic's partitions), `reason`, `source`, `stage`,
-`operation` (fixed sets, listed below).
+`operation`, `phase` (fixed sets, listed below).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ PAUSE_REASONS = ("buffered_messages", "buffered_bytes", "in_flight_batches", "me
 CACHE_HIT_SOURCES = ("redis", "batch")
 DEAD_LETTER_STAGES = ("decode", "embed")
 CACHE_OPERATIONS = ("get", "set")
+MIGRATION_PHASES = ("none", "backfill", "dual", "cutover", "rolled_back", "finished")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -55,6 +56,22 @@ class Metrics:
         self.model_errors = Counter(
             "embedworker_model_errors_total", "Failed forward passes (retried; a text is dead-lettered only while others embed)",
             registry=r,
+        )
+        self.migration_phase = Gauge(
+            "embedworker_migration_phase", "1 for the phase of the collection's model migration (none when there is none)",
+            ["phase"], registry=r,
+        )
+        self.migration_shadow_lag = Gauge(
+            "embedworker_migration_shadow_lag_messages",
+            "Messages the shadow consumer group of a migration has yet to write (this worker's partitions)", registry=r,
+        )
+        self.migration_shadow_processed = Counter(
+            "embedworker_migration_shadow_processed_total", "Messages the shadow consumer group wrote to the new collection",
+            registry=r,
+        )
+        self.migration_errors = Counter(
+            "embedworker_migration_errors_total",
+            "Shadow workers that stopped on an error (started again) and unreadable migration records", registry=r,
         )
         self.documents_deleted = Counter(
             "embedworker_documents_deleted_total", "Delete events applied (tombstones and op=delete)", registry=r
@@ -163,6 +180,8 @@ class Metrics:
             self.messages_dead_lettered.labels(stage=stage)
         for operation in CACHE_OPERATIONS:
             self.cache_errors.labels(operation=operation)
+        for phase in MIGRATION_PHASES:
+            self.migration_phase.labels(phase=phase).set(1 if phase == "none" else 0)
 
     def serve(self, *, port: int, host: str = "127.0.0.1") -> None:
         """Expose `/metrics` on a background thread."""

@@ -258,6 +258,7 @@ async def reembed(
     batch_size: int = 256,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
     embedder: Any = None,
+    store: Any = None,
 ) -> ReembedReport:
     """Embed the texts of a collection, or of a range of the input topic, into a new collection."""
     from processors.errors import SinkConfigError
@@ -271,7 +272,8 @@ async def reembed(
     target = target or f"{settings.collection}-{model_short_name(model)}"
     if from_collection is not None and target == from_collection:
         raise UserError(f"the target collection must differ from the source {from_collection!r} (--target-collection)")
-    sink = _open_sink(settings, target, must_exist_path=from_collection is not None)
+    # `store`: an open store to work on (a migration in the worker's process): a view of it, left open.
+    sink = store.for_collection(target) if store is not None else _open_sink(settings, target, must_exist_path=from_collection is not None)
     loop = asyncio.get_running_loop()
     from streams.assembly import build_pipeline, close_all
 
@@ -339,7 +341,7 @@ async def reembed(
     finally:
         if pipeline is not None:
             await pipeline.close()
-        await close_all([owned_embedder, sink])
+        await close_all([owned_embedder] + ([sink] if store is None else []))
 
 
 def _count(outcomes: Sequence[Any], report: ReembedReport, bar: Any) -> None:

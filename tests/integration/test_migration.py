@@ -1,0 +1,218 @@
+"""A model change without downtime: `embedworker migrate` while a stream of upserts, updates and deletes runs.
+
+Real broker, Redis, the bundled model and, as the model to migrate to, the bundled model cut to
+128 dimensions (its vectors visibly change: another size, renormalized). The worker and its
+migration follower run in this process so that a reader can poll through the alias on the same
+embedded store (an embedded path is one process's) while `cutover` and `rollback` flip it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from processors.sink import versioned_collection
+from streams import migration
+from streams.assembly import assemble, build_embedder, build_sink
+from streams.commands.common import UserError
+from streams.metrics import Metrics
+from support import event, make_cache, make_settings, produce, retrieve, until
+
+NEW_DIMENSIONS = 128
+STABLE = [f"stable-{i}" for i in range(20)]
+"""Written once before the migration and never touched again: a reader must always find them."""
+MUTABLE = [f"doc-{i}" for i in range(30)]
+
+
+def texts_of(rng: random.Random, doc_id: str, n: int) -> str:
+    words = ["invoice", "refund", "espresso", "council", "budget", "flour", "password", "router", "garden", "violin"]
+    return f"{doc_id} revision {n}: " + " ".join(rng.choice(words) for _ in range(8))
+
+
+class Stream:
+    """Upserts, updates and deletes of `MUTABLE` (key = id), remembering each id's last event."""
+
+    def __init__(self, settings, seed: int = 7) -> None:
+        self.settings, self.rng = settings, random.Random(seed)
+        self.last: dict[str, str | None] = {}
+        self.sent = 0
+        self.stopping = asyncio.Event()
+
+    async def round(self, size: int = 20) -> None:
+        values, keys = [], []
+        for _ in range(size):
+            doc_id = self.rng.choice(MUTABLE)
+            if self.last.get(doc_id) is not None and self.rng.random() < 0.2:
+                values.append(None)  # a tombstone
+                self.last[doc_id] = None
+            else:
+                text = texts_of(self.rng, doc_id, self.sent)
+                values.append(event(doc_id, text))
+                self.last[doc_id] = text
+            keys.append(doc_id.encode())
+            self.sent += 1
+        await produce(self.settings, values, keys=keys)
+
+    async def run(self) -> None:
+        while not self.stopping.is_set():
+            await self.round()
+            try:
+                await asyncio.wait_for(self.stopping.wait(), 0.3)  # a steady trickle, not a flood
+            except asyncio.TimeoutError:
+                pass
+
+
+async def holds_last_events(store, collection: str, expected: dict[str, str | None], dim: int) -> bool:
+    stored = await retrieve_docs(store.for_collection(collection))
+    for doc_id, text in expected.items():
+        if text is None:
+            if doc_id in stored:
+                return False
+        elif doc_id not in stored or stored[doc_id][1].get("text") != text or len(stored[doc_id][0]) != dim:
+            return False
+    return True
+
+
+async def retrieve_docs(store) -> dict[str, tuple[np.ndarray, dict]]:
+    return {p.payload["id"]: (p.vector, p.payload) for p in await store.points(with_vectors=True)}
+
+
+@pytest.mark.parametrize("engine", ["edge", "local"])
+async def test_a_model_change_under_a_stream_loses_nothing_and_readers_never_miss_a_document(
+    services, embedder, tmp_path, engine
+):
+    settings = await make_settings(
+        services, partitions=2, qdrant_path=str(tmp_path / "q") if engine == "edge" else "", qdrant_engine=engine,
+        versioned_collections=True, batch_max_wait_ms=20,
+    )
+    alias = settings.collection
+    store = build_sink(settings)
+    metrics = Metrics()
+    new_settings = settings.replace(dimensions=NEW_DIMENSIONS)
+    new_model = build_embedder(new_settings)
+    stream = Stream(settings)
+    missing_during_flips: list[int] = []
+    try:
+        async with assemble(settings, embedder=embedder, sink=store, cache=make_cache(settings, metrics), metrics=metrics) as parts:
+            worker = parts.worker(sink=await migration.pinned_sink(settings, store))
+            follower = migration.MigrationFollower(settings, parts, poll_seconds=0.2, main=worker)
+            tasks = [asyncio.create_task(worker.run()), asyncio.create_task(follower.run())]
+            try:
+                await _migrate_under_a_stream(settings, store, embedder, new_model, stream, follower, tasks, metrics,
+                                              missing_during_flips)
+            finally:
+                stream.stopping.set()
+                worker.request_stop()
+                follower.request_stop()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await store.close()
+
+
+async def _migrate_under_a_stream(settings, store, embedder, new_model, stream, follower, tasks, metrics, missing_during_flips):
+    alias = settings.collection
+    await produce(settings, [event(i, f"{i}: a document that never changes, about {i.split('-')[1]} things") for i in STABLE],
+                  keys=[i.encode() for i in STABLE])
+    await stream.round(60)
+    live = versioned_collection(alias, settings.model)
+
+    async def stable_visible() -> int:
+        found = await retrieve_docs(store)  # through the alias, as a reader queries
+        return sum(1 for i in STABLE if i in found)
+
+    await until(lambda: _eq(stable_visible(), len(STABLE)), "the stable documents", timeout=60)
+    streaming = asyncio.create_task(stream.run())
+
+    started = await migration.start(settings, model=settings.model, dimensions=NEW_DIMENSIONS, store=store)
+    assert started.phase == "backfill" and started.old.collection == live
+    assert started.new.collection == versioned_collection(alias, f"{settings.model}-{NEW_DIMENSIONS}d")
+    again = await migration.start(settings, model=settings.model, dimensions=NEW_DIMENSIONS, store=store)
+    assert again.new == started.new  # safe to re-run
+    with pytest.raises(UserError, match="cutover refused|needs"):
+        await migration.cutover(settings, store=store)
+
+    done, report = await migration.backfill(settings, store=store, embedder=new_model)
+    assert done.phase == "dual" and report.embedded >= len(STABLE)
+    await until(lambda: follower.shadow is not None, "the shadow worker", timeout=60)
+
+    async def passes() -> bool:
+        checked = await migration.check(settings, store=store, embedders=(embedder, new_model), sample=20)
+        return checked.passed and checked.missing == 0
+
+    await until(passes, "a passing check", timeout=120, interval=0.5)
+
+    async def reader(until_done: asyncio.Event) -> None:
+        while not until_done.is_set():
+            missing_during_flips.append(len(STABLE) - await stable_visible())
+
+    flipping = asyncio.Event()
+    reading = asyncio.create_task(reader(flipping))
+    await migration.cutover(settings, store=store)
+    assert await store.alias_target(alias) == started.new.collection
+    await until(lambda: _vector_size_is(store, NEW_DIMENSIONS), "reads through the alias return the new vectors")
+    await stream.round()
+    await migration.rollback(settings, store=store)
+    assert await store.alias_target(alias) == live
+    await stream.round()
+    await migration.cutover(settings, store=store)
+    flipping.set()
+    await reading
+    assert len(missing_during_flips) > 0 and max(missing_during_flips) == 0
+
+    stream.stopping.set()
+    await streaming
+    expected = {**{i: None for i in MUTABLE}, **stream.last}
+    await until(lambda: holds_last_events(store, started.new.collection, expected, NEW_DIMENSIONS),
+                "the new collection holds every id's last event", timeout=120, interval=0.5)
+    await until(lambda: holds_last_events(store, live, expected, embedder.dim),
+                "the old collection holds every id's last event", timeout=120, interval=0.5)
+    state = await migration.status(settings, store=store)
+    assert state["phase"] == "cutover" and state["serves"] == started.new.collection
+    assert metrics.migration_shadow_processed._value.get() > 0
+    assert metrics.migration_phase.labels(phase="cutover")._value.get() == 1
+
+    finished = await migration.finish(settings, store=store, drop_old=True)
+    assert finished.served == finished.new
+    await until(lambda: all(t.done() for t in tasks[:1]), "the old-model worker stops after finish", timeout=60)
+    follower.request_stop()
+    await asyncio.gather(*tasks)
+    assert follower.failure and f"EMBEDWORKER_DIMENSIONS={NEW_DIMENSIONS}" in follower.failure
+    assert not await store.collection_exists(live)
+    stored = await retrieve_docs(store)
+    assert {i for i, t in expected.items() if t is not None} | set(STABLE) == set(stored)
+
+
+async def _eq(value, expected) -> bool:
+    return (await value) == expected
+
+
+async def _vector_size_is(store, size: int) -> bool:
+    points = await store.points(with_vectors=True)
+    return bool(points) and all(len(p.vector) == size for p in points)
+
+
+async def test_a_hostile_migration_record_is_refused_with_one_line(tmp_path):
+    store = build_sink(await _edge_settings(tmp_path))
+    try:
+        await store.write_record(migration.record_key("texts"), {"alias": "texts", "phase": "dual", "old": {}, "new": "x"})
+        with pytest.raises(Exception, match="migration record"):
+            await migration.read_migration(store, "texts")
+        await store.write_record(migration.record_key("texts"), {"phase": "rm -rf", "alias": "texts"})
+        with pytest.raises(Exception, match="phase"):
+            await migration.read_migration(store, "texts")
+    finally:
+        await store.close()
+
+
+async def _edge_settings(tmp_path):
+    from streams.config import load_settings
+
+    return load_settings({"qdrant_path": str(tmp_path / "q"), "qdrant_engine": "edge", "collection": "texts"}, environ={})
