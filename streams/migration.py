@@ -52,6 +52,8 @@ stopped."""
 SHADOW_PHASES = ("dual", "cutover", "rolled_back")
 BACKFILL_SOURCES = ("collection", "topic")
 RECORD_PREFIX = "migration:"
+PROGRESS_SECONDS = 2.0
+"""How often a backfill records how far it got (`migrate status`)."""
 MAX_NAME = 512
 
 
@@ -348,9 +350,18 @@ async def backfill(
         if migration.phase != "backfill":
             return migration, None  # done before (or --backfill-from topic)
         began = time.monotonic()
+        saved = [0.0]
+
+        async def progress(report: Any, total: int | None) -> None:
+            if time.monotonic() - saved[0] >= PROGRESS_SECONDS:
+                saved[0] = time.monotonic()
+                migration.backfill = {"source": "collection", "done": False, "embedded": report.embedded, "total": total}
+                await save(store, migration)
+
         report = await reembed(
             migration.new.settings(settings), model=migration.new.model, target=migration.new.collection,
             from_collection=migration.old.collection, batch_size=batch_size, embedder=embedder, store=store,
+            on_progress=progress,
         )
         seconds = time.monotonic() - began
         migration.backfill = {

@@ -259,6 +259,7 @@ async def reembed(
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
     embedder: Any = None,
     store: Any = None,
+    on_progress: Any = None,
 ) -> ReembedReport:
     """Embed the texts of a collection, or of a range of the input topic, into a new collection."""
     from processors.errors import SinkConfigError
@@ -325,6 +326,8 @@ async def reembed(
                     finished, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     for task in finished:
                         _count(task.result(), report, bar)
+                    if on_progress is not None:
+                        await on_progress(report, total)  # `migrate status` shows how far a backfill got
                 # The turn is taken here, in read order: a later version of an id lands last.
                 documents, versions = [e for e, _ in events], [v for _, v in events]
                 in_flight.add(asyncio.create_task(pipeline.process(documents, turn=pipeline.take_turn(), versions=versions)))

@@ -216,3 +216,127 @@ async def _edge_settings(tmp_path):
     from streams.config import load_settings
 
     return load_settings({"qdrant_path": str(tmp_path / "q"), "qdrant_engine": "edge", "collection": "texts"}, environ={})
+
+
+# ---- the CLI, worker processes and SIGKILLs --------------------------------------------------
+
+
+def _migrate(env: dict[str, str], *args: str) -> subprocess.Popen:
+    from test_faults import EMBEDWORKER
+
+    return subprocess.Popen([EMBEDWORKER, "migrate", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen, what: str) -> str:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, f"{what}: {err[-2000:]}"
+    return out
+
+
+async def test_migrate_commands_and_sigkills_during_backfill_and_cutover_on_qdrant_edge(services, embedder, tmp_path):
+    """The runbook as an operator runs it on an embedded path (one process at a time opens a shard):
+    the worker SIGKILLed, `migrate start`, `backfill` SIGKILLed once it has written and run again, the worker
+    dual-writing, `cutover` beside it (the alias record is a file) and the worker SIGKILLed right after;
+    the stream goes on throughout, and at the end both collections hold each id's last event."""
+    from test_faults import _workers, start_worker, worker_env
+    from test_mirror import _committed_sync_n
+
+    settings = await make_settings(services, partitions=2, qdrant_engine="edge", versioned_collections=True)
+    store_path = tmp_path / "q"
+    env = worker_env(settings, store_path, EMBEDWORKER_QDRANT_ENGINE="edge", EMBEDWORKER_VERSIONED_COLLECTIONS="1")
+    log_path = tmp_path / "worker.log"
+    stream = Stream(settings, seed=11)
+    big = [event(f"bulk-{i}", f"bulk document {i} about " + " ".join(["invoices", "coffee", "roads", "flour"][j % 4] for j in range(i % 7 + 3)))
+           for i in range(1500)]
+    await produce(settings, big, keys=[f"bulk-{i}".encode() for i in range(1500)])
+    await stream.round(100)
+    total = len(big) + stream.sent
+    kills = 0
+    try:
+        worker = start_worker(env, log_path)
+        await until(lambda: _committed_sync_n(settings, 2) >= total // 2, "half the backlog", timeout=240, interval=0.3)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        kills += 1
+        worker = start_worker(env, log_path)
+        await until(lambda: _committed_sync_n(settings, 2) >= total, "the backlog", timeout=240, interval=0.3)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        await stream.round()  # waits in Kafka while no worker runs: the shadow group replays it
+
+        out = _finish(_migrate(env, "start", "--model", settings.model, "--dimensions", str(NEW_DIMENSIONS)), "start")
+        assert "phase backfill" in out
+        new_collection = versioned_collection(settings.collection, f"{settings.model}-{NEW_DIMENSIONS}d")
+        backfilling = _migrate(env, "backfill", "--batch-size", "16")
+        await until(lambda: backfilling.poll() is not None or _backfilled(store_path, settings.collection) > 0,
+                    "the backfill to record progress", timeout=120, interval=0.05)
+        assert backfilling.poll() is None, "the backfill ended before it could be killed"
+        backfilling.send_signal(signal.SIGKILL)
+        backfilling.wait()
+        kills += 1
+        out = _finish(_migrate(env, "backfill"), "backfill again")
+        assert "dual writes begin" in out
+
+        worker = start_worker(env, log_path)
+        await stream.round()
+        await until(lambda: "dual writes:" in log_path.read_text(), "the shadow worker", timeout=120, interval=0.3)
+        shadow = settings.replace(group_id=f"{settings.group_id}.migrate.1")
+        sent = len(big) + stream.sent
+        await until(lambda: _committed_sync_n(shadow, 2) >= sent and _committed_sync_n(settings, 2) >= sent,
+                    "both groups to catch up", timeout=240, interval=0.3)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        checked = _migrate(env, "check", "--sample", "20")
+        out, err = checked.communicate(timeout=300)
+        assert checked.returncode == 0 and "check: PASS" in out, out + err
+
+        worker = start_worker(env, log_path)
+        await until(lambda: log_path.read_text().count("dual writes:") >= 2, "the shadow worker again", timeout=120, interval=0.3)
+        out = _finish(_migrate(env, "cutover"), "cutover")
+        assert new_collection in out
+        await stream.round()
+        worker.send_signal(signal.SIGKILL)  # right after the flip, with dual writes in flight
+        worker.wait()
+        kills += 1
+        await stream.round()
+        worker = start_worker(env, log_path)
+        sent = len(big) + stream.sent
+        await until(lambda: _committed_sync_n(shadow, 2) >= sent and _committed_sync_n(settings, 2) >= sent,
+                    "both groups to catch up after the kill", timeout=240, interval=0.3)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+    finally:
+        for process in _workers:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    store = build_sink(settings.replace(qdrant_path=str(store_path)))
+    try:
+        assert await store.alias_target(settings.collection) == new_collection
+        expected = {**{i: None for i in MUTABLE}, **stream.last}
+        live = versioned_collection(settings.collection, settings.model)
+        assert await holds_last_events(store, new_collection, expected, NEW_DIMENSIONS)
+        assert await holds_last_events(store, live, expected, embedder.dim)
+        stale = 0
+        for name, dim in ((new_collection, NEW_DIMENSIONS), (live, embedder.dim)):
+            docs = await retrieve_docs(store.for_collection(name))
+            assert all(f"bulk-{i}" in docs for i in range(1500)), name
+            stale += sum(1 for i, t in expected.items() if (t is None) != (i not in docs))
+        state = await migration.status(settings.replace(qdrant_path=str(store_path)), store=store)
+        assert state["phase"] == "cutover" and state["shadow_lag"] == 0
+        print(f"\nmigration under kills: {len(big) + stream.sent} events, {len(expected) + 1500} ids, {kills} SIGKILLs "
+              f"(worker x2, backfill x1), stale 0, backfill {state['backfill']}")
+    finally:
+        await store.close()
+
+
+def _backfilled(path, alias: str) -> int:
+    """How far a backfill got, as its record says (`control.json` is replaced atomically)."""
+    import json
+
+    try:
+        record = json.loads((path / "control.json").read_text())
+    except FileNotFoundError:
+        return 0
+    return int(json.loads(record.get(migration.record_key(alias), "{}")).get("backfill", {}).get("embedded") or 0)
