@@ -343,37 +343,50 @@ async def backfill(
     settings: Settings, *, store: VectorStore | None = None, batch_size: int = 256, embedder: Any = None,
 ) -> tuple[Migration, Any]:
     """Copy the live collection into the shadow with the new model (versions kept), then begin dual writes."""
+    from streams.assembly import build_embedder, close_all
     from streams.commands.reembed import reembed
 
     async with _Store(settings, store) as store:
         migration = await _current(store, settings.collection)
         if migration.phase != "backfill":
             return migration, None  # done before (or --backfill-from topic)
-        began = time.monotonic()
-        saved = [0.0]
+        owned = None
+        if embedder is None:  # loaded before the clock starts: the rate is the copy's
+            embedder = owned = await asyncio.get_running_loop().run_in_executor(None, build_embedder, migration.new.settings(settings))
+        try:
+            return await _backfill(settings, store, migration, embedder, batch_size)
+        finally:
+            await close_all([owned])
 
-        async def progress(report: Any, total: int | None) -> None:
-            if time.monotonic() - saved[0] >= PROGRESS_SECONDS:
-                saved[0] = time.monotonic()
-                migration.backfill = {"source": "collection", "done": False, "embedded": report.embedded, "total": total}
-                await save(store, migration)
 
-        report = await reembed(
-            migration.new.settings(settings), model=migration.new.model, target=migration.new.collection,
-            from_collection=migration.old.collection, batch_size=batch_size, embedder=embedder, store=store,
-            on_progress=progress,
-        )
-        seconds = time.monotonic() - began
-        migration.backfill = {
-            "source": "collection", "done": True, "read": report.read, "embedded": report.embedded, "failed": report.failed,
-            "inconsistent": report.inconsistent, "seconds": round(seconds, 3),
-            "documents_per_second": round(report.embedded / seconds, 1) if seconds > 0 else None,
-        }
-        if report.failed:
-            raise UserError(f"{report.failed} documents could not be embedded with {migration.new.model}; run backfill again")
-        migration.phase = "dual"
-        await save(store, migration)
-        return migration, report
+async def _backfill(settings: Settings, store: Any, migration: Migration, embedder: Any, batch_size: int) -> tuple[Migration, Any]:
+    from streams.commands.reembed import reembed
+
+    began = time.monotonic()
+    saved = [0.0]
+
+    async def progress(report: Any, total: int | None) -> None:
+        if time.monotonic() - saved[0] >= PROGRESS_SECONDS:
+            saved[0] = time.monotonic()
+            migration.backfill = {"source": "collection", "done": False, "embedded": report.embedded, "total": total}
+            await save(store, migration)
+
+    report = await reembed(
+        migration.new.settings(settings), model=migration.new.model, target=migration.new.collection,
+        from_collection=migration.old.collection, batch_size=batch_size, embedder=embedder, store=store,
+        on_progress=progress,
+    )
+    seconds = time.monotonic() - began
+    migration.backfill = {
+        "source": "collection", "done": True, "read": report.read, "embedded": report.embedded, "failed": report.failed,
+        "inconsistent": report.inconsistent, "seconds": round(seconds, 3),
+        "documents_per_second": round(report.embedded / seconds, 1) if seconds > 0 else None,
+    }
+    if report.failed:
+        raise UserError(f"{report.failed} documents could not be embedded with {migration.new.model}; run backfill again")
+    migration.phase = "dual"
+    await save(store, migration)
+    return migration, report
 
 
 @dataclass
@@ -405,7 +418,8 @@ async def _documents(sink: Any) -> dict[str, dict[str, Any]]:
 
 
 def load_queries(path: str) -> list[dict[str, Any]]:
-    """A labelled query file in the recall benchmark's format: JSON lines of {"query": text, "ids": [relevant ids]}."""
+    """A labelled query file in the recall benchmark's format: JSON lines of {"query": text, "relevant": [ids]}
+    (`bench/data/recall_queries.jsonl`; `ids` is taken as well)."""
     import orjson
 
     queries = []
@@ -415,10 +429,10 @@ def load_queries(path: str) -> list[dict[str, Any]]:
                 if not line.strip():
                     continue
                 row = orjson.loads(line)
-                if not (isinstance(row, dict) and isinstance(row.get("query"), str)
-                        and isinstance(row.get("ids"), list) and all(isinstance(i, str) for i in row["ids"])):
-                    raise UserError(f"{path}:{number}: expected {{\"query\": text, \"ids\": [ids]}}")
-                queries.append(row)
+                ids = row.get("relevant", row.get("ids")) if isinstance(row, dict) else None
+                if not (isinstance(row.get("query"), str) and isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+                    raise UserError(f"{path}:{number}: expected {{\"query\": text, \"relevant\": [ids]}}")
+                queries.append({"query": row["query"], "ids": ids})
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
     except orjson.JSONDecodeError:

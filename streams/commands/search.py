@@ -83,6 +83,7 @@ async def search(
         loop = asyncio.get_running_loop()
         if mode != "sparse":
             if embedder is None:
+                settings = await _served_model(settings, sink)
                 embedder = await loop.run_in_executor(None, _load_embedder, settings)
             if size != embedder.dim:
                 raise UserError(
@@ -92,6 +93,23 @@ async def search(
         return await query_sink(sink, query, limit=limit, mode=mode, embedder=embedder, encoder=encoder, rrf_k=rrf_k)
     finally:
         await sink.close()
+
+
+async def _served_model(settings: Settings, sink: Any) -> Settings:
+    """The model of the collection the alias names now: a migration's record says which side that is
+    (`embedworker migrate`), so a query after `cutover` or `rollback` is embedded as its collection was."""
+    from processors.errors import SinkConfigError
+    from streams.migration import read_migration
+
+    try:
+        migration = await read_migration(sink, settings.collection)
+    except SinkConfigError as exc:
+        raise UserError(str(exc)) from None
+    if migration is None:
+        return settings
+    served = migration.served
+    return settings.replace(model=served.model, dimensions=served.dimensions, embedder=served.embedder,
+                            embeddings_url=served.embeddings_url or settings.embeddings_url)
 
 
 def format_hits(hits: Sequence[Any], *, width: int = 80) -> list[str]:

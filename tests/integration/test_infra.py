@@ -246,7 +246,7 @@ def test_alert_unit_tests_pass_and_prove_the_key_alerts_fire() -> None:
         for case in test.get("alert_rule_test", [])
         if case.get("exp_alerts")
     }
-    assert {"EmbedworkerHighLagRecords", "EmbedworkerDown"} <= firing
+    assert {"EmbedworkerHighLagRecords", "EmbedworkerDown", "EmbedworkerMigrationShadowBehind"} <= firing
     result = run_tool([promtool, "test", "rules", "alerts_test.yml"], cwd=INFRA)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -263,6 +263,7 @@ def test_alerts_cover_the_failure_modes_with_summaries() -> None:
         "EmbedworkerDeadLetterRate": {"embedworker_messages_dead_lettered_total", "embedworker_messages_consumed_total"},
         "EmbedworkerCacheErrors": {"embedworker_cache_errors_total"},
         "EmbedworkerPausedTooLong": {"embedworker_backpressure_paused"},
+        "EmbedworkerMigrationShadowBehind": {"embedworker_migration_shadow_lag_messages"},
     }
     for name, metrics in expected_metrics.items():
         assert name in by_name, f"missing alert {name}"

@@ -329,6 +329,11 @@ async def test_migrate_commands_and_sigkills_during_backfill_and_cutover_on_qdra
               f"(worker x2, backfill x1), stale 0, backfill {state['backfill']}")
     finally:
         await store.close()
+    from streams.commands.search import search
+
+    # After the cutover a query is embedded with the served model (the environment still names the old one).
+    hits = await search(settings.replace(qdrant_path=str(store_path)), "bulk document 7 about invoices", limit=3)
+    assert hits and len(hits) == 3
 
 
 def _backfilled(path, alias: str) -> int:
