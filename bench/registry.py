@@ -23,6 +23,7 @@ SCENARIOS: dict[str, str] = {
     "http": "bench.scenarios.http",
     "processes": "bench.scenarios.processes",
     "mapping": "bench.scenarios.mapping",
+    "backfill": "bench.scenarios.backfill",
 }
 """Scenario name -> its module, whose function of the same name runs it."""
 

@@ -345,3 +345,50 @@ def _backfilled(path, alias: str) -> int:
     except FileNotFoundError:
         return 0
     return int(json.loads(record.get(migration.record_key(alias), "{}")).get("backfill", {}).get("embedded") or 0)
+
+
+async def test_a_failing_new_model_never_stalls_the_live_collection(services, embedder, tmp_path):
+    """The shadow's model cannot load: the follower counts it and tries again later, while the live
+    worker goes on writing and committing every event."""
+    settings = await make_settings(services, partitions=1, qdrant_path=str(tmp_path / "q"), qdrant_engine="edge",
+                                   versioned_collections=True, batch_max_wait_ms=20)
+    store = build_sink(settings)
+    metrics = Metrics()
+    try:
+        async with assemble(settings, embedder=embedder, sink=store, cache=make_cache(settings, metrics), metrics=metrics) as parts:
+            worker = parts.worker(sink=await migration.pinned_sink(settings, store))
+            await produce(settings, [event("a", "first")], keys=[b"a"])
+            run = asyncio.create_task(worker.run())
+            follower = migration.MigrationFollower(settings, parts, poll_seconds=0.1, main=worker)
+            following = asyncio.create_task(follower.run())
+            try:
+                await until(lambda: _has(store, "a"), "the first document", timeout=60)
+                live = await store.alias_target(settings.collection)
+                broken = migration.Migration(
+                    alias=settings.collection, phase="dual", old=migration.Side.of(settings, live),
+                    new=migration.Side(f"{settings.collection}__broken__1", str(tmp_path / "no-such-model")),
+                    shadow_group=f"{settings.group_id}.migrate.1",
+                )
+                await migration.save(store, broken)
+                await until(lambda: metrics.migration_errors._value.get() >= 1, "the shadow's failure to be counted", timeout=60)
+                await produce(settings, [event(f"later-{i}", f"written while the shadow fails {i}") for i in range(20)],
+                              keys=[f"later-{i}".encode() for i in range(20)])
+                await until(lambda: _has(store, *[f"later-{i}" for i in range(20)]), "the live collection to go on", timeout=60)
+                assert metrics.migration_phase.labels(phase="dual")._value.get() == 1
+                assert follower.shadow is None and not run.done()
+            finally:
+                worker.request_stop()
+                follower.request_stop()
+                await asyncio.gather(run, following)
+    finally:
+        await store.close()
+
+
+async def _has(store, *ids: str) -> bool:
+    from processors.errors import SinkConfigError
+
+    try:
+        found = await retrieve_docs(store)
+    except SinkConfigError:  # not created yet
+        return False
+    return all(i in found for i in ids)
