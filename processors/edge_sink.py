@@ -50,7 +50,7 @@ from processors.threaded import ThreadedStore
 from processors.sink import (
     INDEX_KINDS, LEGACY_ID_SAMPLE, MODEL_SAMPLE, PAYLOAD_INDEXES, DocumentWrite, Hit, Point, SinkConfigError, StoredHead,
     StoredPoint, check_id_scheme, check_model, check_sparse_config, engine_vectors, replace_chunks, split_vector, stored_head,
-    MAX_RECORD_BYTES, WriteReport, check_quantization, parse_record, record_text, replaceable, surplus_filter, upsert_condition, versioned_collection,
+    MAX_RECORD_BYTES, TENANT_FIELD, WriteReport, check_quantization, parse_record, record_text, replaceable, surplus_filter, upsert_condition, versioned_collection,
 )
 from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder
 from schemas import point_id
@@ -438,6 +438,10 @@ class EdgeSink(ThreadedStore):
 
         return int(await self._call(lambda: self._open().count(qe.CountRequest(exact=True))))
 
+    def _tenant_filter(self) -> Any:
+        """Searches of a `for_tenant` view see only that tenant's points."""
+        return None if self.tenant is None else _EdgeTerms().where(must=[_EdgeTerms().match(TENANT_FIELD, self.tenant)])
+
     async def search(self, vector: np.ndarray, limit: int = 5) -> list[Hit]:
         import qdrant_edge as qe
 
@@ -445,6 +449,7 @@ class EdgeSink(ThreadedStore):
             limit=limit,
             query=qe.Query.Nearest(np.asarray(vector, dtype=np.float32).tolist()),
             with_payload=True,
+            filter=self._tenant_filter(),
         )
         points = await self._call(lambda: self._open().query(request))
         return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in points]
@@ -461,6 +466,7 @@ class EdgeSink(ThreadedStore):
             limit=limit,
             query=qe.Query.Nearest(qe.SparseVector(list(sparse.indices), list(sparse.values)), using=SPARSE_VECTOR),
             with_payload=True,
+            filter=self._tenant_filter(),
         )
         points = await self._call(lambda: self._open().query(request))
         return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in points]
@@ -468,12 +474,13 @@ class EdgeSink(ThreadedStore):
     async def search_hybrid(self, vector: np.ndarray, sparse: SparseVector, limit: int = 5, *, k: int = RRF_K) -> list[Hit]:
         import qdrant_edge as qe
 
-        prefetches = [qe.Prefetch(limit=limit, query=qe.Query.Nearest(np.asarray(vector, dtype=np.float32).tolist()))]
+        prefetches = [qe.Prefetch(limit=limit, query=qe.Query.Nearest(np.asarray(vector, dtype=np.float32).tolist()), filter=self._tenant_filter())]
         if sparse:  # a query without tokens fuses the dense ranks alone
             prefetches.append(qe.Prefetch(
                 limit=limit, query=qe.Query.Nearest(qe.SparseVector(list(sparse.indices), list(sparse.values)), using=SPARSE_VECTOR),
+                filter=self._tenant_filter(),
             ))
-        request = qe.QueryRequest(limit=limit, prefetches=prefetches, query=qe.Fusion.Rrf(k=k), with_payload=True)
+        request = qe.QueryRequest(limit=limit, prefetches=prefetches, query=qe.Fusion.Rrf(k=k), with_payload=True, filter=self._tenant_filter())
         points = await self._call(lambda: self._open().query(request))
         return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in points]
 

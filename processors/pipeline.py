@@ -30,7 +30,9 @@ from processors.chunking import Chunk, plan_chunks
 from processors.embedder import Embedder
 from processors.errors import ModelRefusesEverything, StoreRejected
 from processors.ordering import Sequencer, Turn
-from processors.sink import DocumentWrite, Point, StoreWriter, version_payload
+from processors.sink import TENANT_FIELD, DocumentWrite, Point, StoreWriter, version_payload
+
+CACHE_SCOPE_TENANT, CACHE_SCOPE_GLOBAL = "tenant", "global"
 from schemas import DeleteResult, InputEvent, ResultEvent, Version, content_hash, normalize_text, point_id
 
 __all__ = ["Backoff", "LONG_TEXT_CHUNK", "LONG_TEXT_TRUNCATE", "Outcome", "Pipeline", "PipelineHooks"]
@@ -84,6 +86,8 @@ class Pipeline:
     - `long_text`: `chunk` (default: a text over the model's limit becomes several points)
       or `truncate` (one point of its first `max_tokens` tokens, `truncated: true`).
     - `chunk_overlap_tokens`: tokens a chunk repeats from the end of the previous one (32).
+    - `cache_scope`: `tenant` (default): an event with a tenant hashes its texts with the tenant,
+      so the cache, the batch's dedupe and `cached: true` never cross tenants; `global` shares them.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class Pipeline:
         hooks: PipelineHooks | None = None,
         long_text: str = LONG_TEXT_CHUNK,
         chunk_overlap_tokens: int = 32,
+        cache_scope: str = CACHE_SCOPE_TENANT,
     ) -> None:
         if long_text not in (LONG_TEXT_CHUNK, LONG_TEXT_TRUNCATE):
             raise ValueError(f"long_text must be {LONG_TEXT_CHUNK} or {LONG_TEXT_TRUNCATE}, not {long_text!r}")
@@ -106,6 +111,7 @@ class Pipeline:
         self.sink = sink
         self.cache: VectorCache = cache or NullCache()
         self.store_text = store_text
+        self.cache_scope = cache_scope
         self.embed_attempts = embed_attempts
         self.embed_retry_seconds = embed_retry_seconds
         self.embed_backoff = Backoff(base_seconds=0.05, cap_seconds=2.0)
@@ -293,13 +299,19 @@ class Pipeline:
                     truncated[i] = len(spans) > limit
         return chunks, truncated
 
+    def _unit_model(self, event: InputEvent) -> str:
+        """What a text's hash is taken with: the model, and the tenant where the cache is scoped per tenant."""
+        if event.tenant is None or self.cache_scope != CACHE_SCOPE_TENANT:
+            return self._cache_model
+        return f"{self._cache_model}\x00tenant\x00{event.tenant}"
+
     async def _prepare(self, events: Sequence[InputEvent]) -> "_Prepared":
         dim = self.embedder.dim
         cache_model = self._cache_model
         texts = {i: normalize_text(e.text) for i, e in enumerate(events) if not e.is_delete}
         chunks, truncated = await self._split(texts)
         # One unit per chunk; the cache and the dedupe work on units.
-        unit_hashes = {i: [content_hash(cache_model, c.text) for c in cs] for i, cs in chunks.items()}
+        unit_hashes = {i: [content_hash(self._unit_model(events[i]), c.text) for c in cs] for i, cs in chunks.items()}
         unit_text: dict[str, str] = {}
         unit_tokens: dict[str, int] = {}
         for i, cs in chunks.items():
@@ -387,13 +399,13 @@ class Pipeline:
         last_for_id: dict[str, int] = {}
         for index, event in enumerate(events):
             if event.is_delete or not any(d in p.errors for d in p.unit_hashes[index]):
-                last_for_id[event.id] = index
+                last_for_id[event.key] = index
         writes: list[tuple[int, DocumentWrite]] = []
         for index in last_for_id.values():
             event = events[index]
             version = versions[index] if versions is not None else None
             if event.is_delete:
-                writes.append((index, DocumentWrite(doc_id=event.id, points=(), version=version)))
+                writes.append((index, DocumentWrite(doc_id=event.id, points=(), version=version, tenant=event.tenant)))
                 continue
             chunks = p.chunks[index]
             guard = version_payload(version)
@@ -401,7 +413,7 @@ class Pipeline:
                 self._point(event, j, len(chunks), chunk, digest, p.vectors[digest], p.truncated[index], guard)
                 for j, (chunk, digest) in enumerate(zip(chunks, p.unit_hashes[index]))
             )
-            writes.append((index, DocumentWrite(doc_id=event.id, points=points, version=version)))
+            writes.append((index, DocumentWrite(doc_id=event.id, points=points, version=version, tenant=event.tenant)))
         return writes
 
     async def _write(
@@ -491,7 +503,7 @@ class Pipeline:
                 outcomes.append(Outcome(event, error_kind="store_rejected", error_message=rejected[index]))
                 continue
             if event.is_delete:
-                outcomes.append(Outcome(event, result=DeleteResult(id=event.id, collection=self.sink.collection)))
+                outcomes.append(Outcome(event, result=DeleteResult(id=event.id, collection=self.sink.collection, tenant=event.tenant)))
                 continue
             digests = p.unit_hashes[index]
             failed = next((p.errors[d] for d in digests if d in p.errors), None)
@@ -505,14 +517,15 @@ class Pipeline:
                     event,
                     result=ResultEvent(
                         id=event.id,
-                        point_id=point_id(event.id),
+                        point_id=point_id(event.key),
                         collection=self.sink.collection,
                         model=model,
                         dim=dim,
                         cached=cached,
                         truncated=p.truncated[index],
-                        content_hash=digests[0] if len(digests) == 1 else content_hash(self._cache_model, p.texts[index]),
+                        content_hash=digests[0] if len(digests) == 1 else content_hash(self._unit_model(event), p.texts[index]),
                         chunks=len(digests),
+                        tenant=event.tenant,
                     ),
                 )
             )
@@ -536,11 +549,13 @@ class Pipeline:
         }
         if self._version:
             payload["model_version"] = self._version
+        if event.tenant is not None:
+            payload[TENANT_FIELD] = event.tenant
         if self.store_text:
             # A one-chunk document keeps its text as sent; a chunk, its span of the normalized text.
             payload["text"] = event.text if count == 1 else chunk.text
         # The chunk's text rides along for the sink's sparse (BM25) vector, stored text or not.
-        return Point(id=point_id(event.id, index), vector=vector, payload=payload, text=chunk.text)
+        return Point(id=point_id(event.key, index), vector=vector, payload=payload, text=chunk.text)
 
 
 _PROBE_TEXT = "a probe text to tell a failing model from a poison text"

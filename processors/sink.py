@@ -26,7 +26,7 @@ import numpy as np
 from processors.errors import SinkConfigError, StoreRejected
 from processors.sparse import RRF_K, SPARSE_OFF, SPARSE_VECTOR, SparseVector, bm25_encoder, missing_sparse_message, sparse_from
 from processors.threaded import ThreadedStore
-from schemas import Version, legacy_point_id, point_id
+from schemas import Version, legacy_point_id, point_id, tenant_key
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,13 @@ class DocumentWrite:
     doc_id: str
     points: Sequence[Point] = ()
     version: Version | None = None
+    tenant: str | None = None
+    """Whose document (payload field `tenant`): deletes and chunk cleanup touch only that tenant's `doc_id`."""
+
+    @property
+    def key(self) -> str:
+        """The document's name in point ids and per-document bookkeeping (`schemas.InputEvent.key`)."""
+        return self.doc_id if self.tenant is None else tenant_key(self.tenant, self.doc_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +71,7 @@ class StoredHead:
 
 
 VERSION_FIELD = "version"
+TENANT_FIELD = "tenant"
 VERSION_SOURCE_FIELD = "version_source"
 
 
@@ -209,7 +217,7 @@ class ChunkEngine(Protocol):
     """The collection's vector size once known (`ensure_collection`); None: not checked here."""
 
     def stored_heads(self, doc_ids: Sequence[str]) -> dict[str, StoredHead]:
-        """Each stored document's chunk 0 (absent: not stored)."""
+        """Each stored document's chunk 0 (absent: not stored), by `DocumentWrite.key`."""
         ...
 
     def delete_chunks(self, targets: Sequence[DocumentWrite]) -> None:
@@ -254,22 +262,22 @@ def replace_chunks(engine: ChunkEngine, writes: Sequence[DocumentWrite], *, payl
     vector, which qdrant-edge would store and never find); anything else is the engine's own error.
     """
     try:
-        heads = engine.stored_heads([w.doc_id for w in writes])
-        fresh = [w for w in writes if not is_stale(w, heads.get(w.doc_id))]
-        kept = [w for w in fresh if keeps_vector(w, heads.get(w.doc_id))] if payload_only else []
+        heads = engine.stored_heads([w.key for w in writes])
+        fresh = [w for w in writes if not is_stale(w, heads.get(w.key))]
+        kept = [w for w in fresh if keeps_vector(w, heads.get(w.key))] if payload_only else []
         if kept:
             engine.overwrite_payloads(kept)
             if engine.conditional_writes:
                 # Another process may have written one of them between the read and the rewrite (the
                 # rewrite then matched nothing): those get the full, conditional write after all.
-                now = engine.stored_heads([w.doc_id for w in kept])
-                kept = [w for w in kept if _rewritten(w, now.get(w.doc_id))]
-            unchanged = {w.doc_id for w in kept}
-            fresh = [w for w in fresh if w.doc_id not in unchanged]
+                now = engine.stored_heads([w.key for w in kept])
+                kept = [w for w in kept if _rewritten(w, now.get(w.key))]
+            unchanged = {w.key for w in kept}
+            fresh = [w for w in fresh if w.key not in unchanged]
         points = [p for w in fresh for p in w.points]
         if points:
             check_vectors(points, engine.vector_dim)
-        targets = [w for w in fresh if not w.points or _count(heads.get(w.doc_id)) > len(w.points)]
+        targets = [w for w in fresh if not w.points or _count(heads.get(w.key)) > len(w.points)]
         if targets:  # never an empty filter: it would match every point
             engine.delete_chunks(targets)
         if points:
@@ -300,6 +308,8 @@ class FilterTerms(Protocol):
 def replaceable(t: FilterTerms, w: DocumentWrite) -> list[Any]:
     """Conditions a stored chunk of `w.doc_id` must meet to be replaced by `w`: its id, and not newer in `w`'s source."""
     same_id = t.match("id", w.doc_id)
+    if w.tenant is not None:
+        same_id = t.where(must=[same_id, t.match(TENANT_FIELD, w.tenant)])
     if w.version is None:
         return [same_id]
     not_newer = t.where(should=[
@@ -679,7 +689,10 @@ class QdrantSink(ThreadedStore):
             schema = {kind: getattr(models.PayloadSchemaType, kind.upper()) for kind in INDEX_KINDS}
             for field_name, kind in self.payload_indexes.items():
                 if field_name not in existing:  # idempotent on a server too; skip the round trip
-                    self._client.create_payload_index(self.collection, field_name=field_name, field_schema=schema[kind], wait=True)
+                    field_schema = schema[kind]
+                    if field_name == TENANT_FIELD and kind == "keyword":  # co-locates each tenant's points (Qdrant 1.11+)
+                        field_schema = models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True)
+                    self._client.create_payload_index(self.collection, field_name=field_name, field_schema=field_schema, wait=True)
 
         await self._call(ensure)
         await self._call(index)
@@ -845,6 +858,14 @@ class QdrantSink(ThreadedStore):
         result = await self._call(self._client.count, self.collection, exact=True)
         return int(result.count)
 
+    def _tenant_filter(self) -> Any:
+        """Searches of a `for_tenant` view see only that tenant's points."""
+        from qdrant_client import models
+
+        if self.tenant is None:
+            return None
+        return models.Filter(must=[models.FieldCondition(key=TENANT_FIELD, match=models.MatchValue(value=self.tenant))])
+
     async def search(self, vector: np.ndarray, limit: int = 5) -> list[Hit]:
         response = await self._call(
             self._client.query_points,
@@ -852,6 +873,7 @@ class QdrantSink(ThreadedStore):
             query=vector.astype(np.float32).tolist(),
             limit=limit,
             with_payload=True,
+            query_filter=self._tenant_filter(),
         )
         return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in response.points]
 
@@ -875,16 +897,18 @@ class QdrantSink(ThreadedStore):
             using=SPARSE_VECTOR,
             limit=limit,
             with_payload=True,
+            query_filter=self._tenant_filter(),
         )
         return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in response.points]
 
     async def search_hybrid(self, vector: np.ndarray, sparse: SparseVector, limit: int = 5, *, k: int = RRF_K) -> list[Hit]:
         from qdrant_client import models
 
-        prefetch = [models.Prefetch(query=np.asarray(vector, dtype=np.float32).tolist(), limit=limit)]
+        only = self._tenant_filter()
+        prefetch = [models.Prefetch(query=np.asarray(vector, dtype=np.float32).tolist(), limit=limit, filter=only)]
         if sparse:  # a query without tokens fuses the dense ranks alone
             prefetch.append(models.Prefetch(
-                query=models.SparseVector(indices=list(sparse.indices), values=list(sparse.values)), using=SPARSE_VECTOR, limit=limit,
+                query=models.SparseVector(indices=list(sparse.indices), values=list(sparse.values)), using=SPARSE_VECTOR, limit=limit, filter=only,
             ))
         # RrfQuery, not FusionQuery(RRF): that one fixes k at 2. A server needs v1.16+ for it.
         response = await self._call(
@@ -894,6 +918,7 @@ class QdrantSink(ThreadedStore):
             query=models.RrfQuery(rrf=models.Rrf(k=k)),
             limit=limit,
             with_payload=True,
+            query_filter=self._tenant_filter(),
         )
         return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in response.points]
 

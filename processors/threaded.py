@@ -19,6 +19,8 @@ class ThreadedStore:
     collection: str
     location: str
     pin_alias = False
+    tenant: str | None = None
+    """A `for_tenant` view: its searches see only this tenant's points."""
     """When `collection` is an alias, write the collection it names at `ensure_collection` from then on:
     a later flip of the alias (`embedworker migrate cutover`) must never redirect a running writer."""
 
@@ -42,4 +44,10 @@ class ThreadedStore:
         view = copy.copy(self)
         view.collection = collection
         view.pin_alias = False
+        return view
+
+    def for_tenant(self: T, tenant: str | None) -> T:
+        """The same store whose searches see only `tenant`'s points (close only the original)."""
+        view = copy.copy(self)
+        view.tenant = tenant
         return view

@@ -24,6 +24,7 @@ from schemas.events import (
     legacy_point_id,
     point_id,
     replay_count,
+    tenant_key,
 )
 from schemas.headers import copied_headers, headers_size, passed_header_names
 
@@ -50,6 +51,7 @@ __all__ = [
     "normalize_text",
     "legacy_point_id",
     "point_id",
+    "tenant_key",
     "replay_count",
     "copied_headers",
     "headers_size",

@@ -64,10 +64,23 @@ class InputEvent:
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
     op: str = OP_UPSERT
+    tenant: str | None = None
+    """Whose document it is (`EMBEDWORKER_TENANT_FROM`); None: one tenant, as before."""
 
     @property
     def is_delete(self) -> bool:
         return self.op == OP_DELETE
+
+    @property
+    def key(self) -> str:
+        """What names the document in the store and in per-id order: the id, scoped by the tenant if any."""
+        return self.id if self.tenant is None else tenant_key(self.tenant, self.id)
+
+
+def tenant_key(tenant: str, doc_id: str) -> str:
+    """A tenant's document as one string: `tenant NUL "t" NUL id`. Ids never hold NUL, so a scoped key is never
+    a plain id nor a chunk's point name (`id NUL index`), and two tenants' `doc-1` are two keys."""
+    return f"{tenant}\x00t\x00{doc_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,22 +262,24 @@ class ResultEvent:
     status: str = RESULT_STATUS_OK
     chunks: int = 1
     """Points the document is stored as (0 for a delete)."""
+    tenant: str | None = None
 
     def encode(self) -> bytes:
-        return orjson.dumps(
-            {
-                "id": self.id,
-                "point_id": self.point_id,
-                "collection": self.collection,
-                "model": self.model,
-                "dim": self.dim,
-                "cached": self.cached,
-                "truncated": self.truncated,
-                "content_hash": self.content_hash,
-                "status": self.status,
-                "chunks": self.chunks,
-            }
-        )
+        body = {
+            "id": self.id,
+            "point_id": self.point_id,
+            "collection": self.collection,
+            "model": self.model,
+            "dim": self.dim,
+            "cached": self.cached,
+            "truncated": self.truncated,
+            "content_hash": self.content_hash,
+            "status": self.status,
+            "chunks": self.chunks,
+        }
+        if self.tenant is not None:
+            body["tenant"] = self.tenant
+        return orjson.dumps(body)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -274,6 +289,7 @@ class DeleteResult:
     id: str
     collection: str
     status: str = RESULT_STATUS_DELETED
+    tenant: str | None = None
 
     @property
     def cached(self) -> bool:
@@ -284,7 +300,10 @@ class DeleteResult:
         return False
 
     def encode(self) -> bytes:
-        return orjson.dumps({"id": self.id, "status": self.status, "collection": self.collection, "chunks": 0})
+        body: dict[str, Any] = {"id": self.id, "status": self.status, "collection": self.collection, "chunks": 0}
+        if self.tenant is not None:
+            body["tenant"] = self.tenant
+        return orjson.dumps(body)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -28,6 +28,7 @@ from streams.config import Settings
 from streams.metrics import Metrics
 
 if TYPE_CHECKING:
+    from schemas.tenancy import TenantSource
     from streams.backends import Backend
     from streams.runtime import Worker, WorkerObserver
 
@@ -43,6 +44,13 @@ def build_mapping(settings: Settings) -> Mapping:
         input_format=settings.input_format, id_from=settings.id_from, text_from=settings.text_from,
         metadata_from=settings.metadata_from, version_from=settings.version_from,
     )
+
+
+def build_tenant_source(settings: Settings) -> "TenantSource | None":
+    """Where an event's tenant is read (`EMBEDWORKER_TENANT_FROM`); None: one tenant."""
+    from schemas.tenancy import parse_tenant_from
+
+    return parse_tenant_from(settings.tenant_from) if settings.tenant_from else None
 
 
 def build_embedder(settings: Settings, *, model: str | None = None) -> Embedder:
@@ -74,6 +82,8 @@ def build_sink(settings: Settings, collection: str | None = None) -> QdrantSink 
     """A server (URL), an embedded path store (EMBEDWORKER_QDRANT_ENGINE picks edge or local), or in memory."""
     collection = collection or settings.collection
     indexes = parse_payload_indexes(settings.payload_indexes)
+    if settings.tenant_from:
+        indexes.setdefault("tenant", "keyword")  # the tenant key (`is_tenant` on a server): every tenant filter uses it
     if settings.qdrant_path and not settings.qdrant_url and settings.qdrant_engine == "edge":
         return EdgeSink(collection=collection, path=settings.qdrant_path, payload_indexes=indexes, sparse=settings.sparse,
                         quantization=settings.quantization, versioned_collections=settings.versioned_collections)
@@ -115,7 +125,7 @@ def build_pipeline(
     return Pipeline(
         embedder=embedder, sink=sink, cache=cache, store_text=settings.store_text, hooks=hooks,
         long_text=settings.long_text, chunk_overlap_tokens=settings.chunk_overlap_tokens,
-        embed_retry_seconds=settings.embed_retry_seconds,
+        embed_retry_seconds=settings.embed_retry_seconds, cache_scope=settings.cache_scope,
     )
 
 

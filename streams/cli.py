@@ -38,9 +38,9 @@ SETTINGS_OF: dict[str, set[str] | None] = {
     "run": None,
     "demo": None,
     "produce": _KAFKA | _LIMITS | _LOGS | {"input_topic"},
-    "search": _QDRANT | _LOGS | {"model", "device"},
+    "search": _QDRANT | _LOGS | {"model", "device", "tenant_from"},
     "status": _KAFKA | _LOGS | {"input_topic", "group_id"},
-    "reembed": _KAFKA | _QDRANT | _LIMITS | _LOGS | {"input_topic", "device", "store_text", "sparse"},
+    "reembed": _KAFKA | _QDRANT | _LIMITS | _LOGS | {"input_topic", "device", "store_text", "sparse", "tenant_from"},
     "dlq": _KAFKA | _LOGS | {"input_topic", "dlq_topic", "max_message_bytes"},
     "migrate": None,
 }
@@ -246,7 +246,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     settings = _tool_settings(args)
     mode = "hybrid" if args.cmd_hybrid else "sparse" if args.cmd_sparse else "dense"
-    hits = asyncio.run(tools.search(settings, args.cmd_query, limit=args.cmd_limit, mode=mode, rrf_k=args.cmd_rrf_k))
+    hits = asyncio.run(tools.search(settings, args.cmd_query, limit=args.cmd_limit, mode=mode, rrf_k=args.cmd_rrf_k,
+                                    tenant=args.cmd_tenant))
     if args.cmd_json:
         _print_json([{"score": h.score, "id": h.payload.get("id", h.id), "point_id": h.id, "payload": h.payload} for h in hits])
         return 0
@@ -548,6 +549,8 @@ def _add_search(command: argparse.ArgumentParser) -> None:
     mode.add_argument("--sparse", dest="cmd_sparse", action="store_true", help="BM25 sparse hits only (keywords, no model)")
     command.add_argument("--rrf-k", dest="cmd_rrf_k", type=_positive_int, default=None, metavar="K",
                          help="--hybrid: the fusion constant, score = sum of 1/(K + rank) (default 60; smaller favours each list's top)")
+    command.add_argument("--tenant", dest="cmd_tenant", metavar="TENANT",
+                         help="Only this tenant's documents (required with EMBEDWORKER_TENANT_FROM)")
 
 
 def _add_status(command: argparse.ArgumentParser) -> None:

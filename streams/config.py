@@ -226,6 +226,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("version_from", "", _text,
            "The event's own version for the version guard: a path or header:<name>, alternatives with | "
            "(default: the input offset; debezium: source.lsn|source.ts_ms)"),
+    Option("tenant_from", "", _text,
+           "Where an event's tenant is read: a dotted path (tenant, metadata.org) or header:<name>; a tombstone's from "
+           "the header, else from its key <tenant>/<id>. Empty (default): one tenant, as before"),
+    Option("tenancy", "payload", _choice("payload"),
+           "With EMBEDWORKER_TENANT_FROM: payload (one collection, a tenant field indexed as the tenant key, the tenant "
+           "in every point id, deletes and chunk cleanup scoped to the tenant)"),
+    Option("cache_scope", "tenant", _choice("tenant", "global"),
+           "With EMBEDWORKER_TENANT_FROM: tenant (the Redis cache keyed per tenant: a cached result reveals nothing "
+           "across tenants) or global (identical texts share vectors across tenants: a side channel)"),
+    Option("fair_batching", True, _bool,
+           "With EMBEDWORKER_TENANT_FROM: fill batches across the buffered tenants by deficit round robin (by tokens), "
+           "so a tenant's backlog does not hold back the others' events (only different ids are reordered)"),
+    Option("tenant_metrics_top", 20, _int_in(0, 1000, "tenants"),
+           "Tenants with their own label in the per-tenant metrics, the largest by messages (the rest: other)"),
     Option("pass_headers", "", _text,
            "Input Kafka headers copied onto the result and the dead letter, comma-separated (traceparent/tracestate always)"),
     Option("dlq_max_payload_bytes", 64 * 1024, _int_in(0, _MESSAGE_BYTES, "bytes"),
@@ -324,6 +338,11 @@ class Settings:
     text_from: str
     metadata_from: str
     version_from: str
+    tenant_from: str
+    tenancy: str
+    cache_scope: str
+    fair_batching: bool
+    tenant_metrics_top: int
     embed_retry_seconds: float
     model: str
     device: str
@@ -381,6 +400,7 @@ class Settings:
 
 def _check(settings: Settings) -> None:
     from schemas.mapping import parse_mapping
+    from schemas.tenancy import parse_tenant_from
 
     try:
         parse_mapping(
@@ -390,6 +410,11 @@ def _check(settings: Settings) -> None:
     except ValueError as exc:
         setting = str(exc).split(":", 1)[0].upper() if ":" in str(exc) else "INPUT_FORMAT"
         raise ConfigError(f"EMBEDWORKER_{setting}", str(exc)) from None
+    if settings.tenant_from:
+        try:
+            parse_tenant_from(settings.tenant_from)
+        except ValueError as exc:
+            raise ConfigError("EMBEDWORKER_TENANT_FROM", str(exc)) from None
     if settings.batch_min_messages > settings.batch_max_messages:
         raise ConfigError("EMBEDWORKER_BATCH_MIN_MESSAGES", "is above EMBEDWORKER_BATCH_MAX_MESSAGES")
     if settings.batch_min_tokens > settings.batch_max_tokens:

@@ -123,7 +123,8 @@ class Worker:
         )
         # A version read from a header is held with the message like the headers that travel.
         version_headers = ",".join(p[7:] for p in settings.version_from.split("|") if p.startswith("header:"))
-        self._pass_headers = passed_header_names(f"{settings.pass_headers},{version_headers}", REPLAY_COUNT_HEADER)
+        tenant_header = settings.tenant_from[7:] if settings.tenant_from.startswith("header:") else ""
+        self._pass_headers = passed_header_names(f"{settings.pass_headers},{version_headers},{tenant_header}", REPLAY_COUNT_HEADER)
         t = self.telemetry
         chain = build_chain(
             settings, pipeline=pipeline, tracker=self.tracker, producer=lambda: self._producer, tracing=self.tracing,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,16 +151,16 @@ async def _collection_batches(source: Any, batch_size: int, report: ReembedRepor
     from processors.sink import stored_head
     from schemas import InputEvent
 
-    documents: dict[str, list[dict[str, Any]]] = {}
+    documents: dict[tuple[str | None, str], list[dict[str, Any]]] = {}
     for point in await source.points(with_vectors=False):
-        event_id = point.payload.get("id")
-        if not isinstance(event_id, str):
+        event_id, tenant = point.payload.get("id"), point.payload.get("tenant")
+        if not isinstance(event_id, str) or not (tenant is None or isinstance(tenant, str)):
             report.read += 1
             report.skipped += 1
             continue
-        documents.setdefault(event_id, []).append(point.payload)
+        documents.setdefault((tenant, event_id), []).append(point.payload)  # two tenants' doc-1 are two documents
     events = []
-    for event_id, chunks in documents.items():
+    for (tenant, event_id), chunks in documents.items():
         report.read += 1
         rebuilt = rebuild_document(chunks)
         if rebuilt.inconsistent:
@@ -173,7 +174,7 @@ async def _collection_batches(source: Any, batch_size: int, report: ReembedRepor
             continue
         head = min(chunks, key=lambda p: p.get("chunk_index", 0))
         metadata = head.get("metadata")
-        event = InputEvent(id=event_id, text=text, metadata=metadata if isinstance(metadata, dict) else {})
+        event = InputEvent(id=event_id, text=text, metadata=metadata if isinstance(metadata, dict) else {}, tenant=tenant)
         events.append((event, stored_head(head).version))
         if len(events) >= batch_size:
             yield events
@@ -190,6 +191,10 @@ async def _topic_batches(
     the version the worker gives it (its offset in its partition), so the copy and the live stream agree."""
     from schemas import InvalidEvent, Limits, Version
     from schemas.mapping import decode_record
+    from schemas.tenancy import with_tenant
+    from streams.assembly import build_tenant_source
+
+    tenants = build_tenant_source(settings)
     from streams.assembly import build_mapping
 
     mapping = build_mapping(settings)
@@ -228,6 +233,8 @@ async def _topic_batches(
                     report.read += 1
                     try:
                         decoded = decode_record(message.value, message.key, message.headers or (), mapping, limits)
+                        if tenants is not None:
+                            decoded = dataclasses.replace(decoded, event=with_tenant(decoded.event, tenants, message.value, message.headers or ()))
                         own = decoded.version
                         version = Version("user", own) if own is not None else Version(f"{tp.topic}/{tp.partition}", message.offset)
                         events.append((decoded.event, version))

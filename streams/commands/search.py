@@ -56,15 +56,27 @@ async def query_sink(
 
 
 async def search(
-    settings: Settings, query: str, *, limit: int = 5, embedder: Any = None, mode: str = "dense", rrf_k: int | None = None
+    settings: Settings, query: str, *, limit: int = 5, embedder: Any = None, mode: str = "dense", rrf_k: int | None = None,
+    tenant: str | None = None,
 ) -> list[Any]:
-    """The `limit` nearest documents of the configured collection to `query` (see `MODES`; `rrf_k`: see `query_sink`)."""
+    """The `limit` nearest documents of the configured collection to `query` (see `MODES`; `rrf_k`: see `query_sink`);
+    with tenants configured (`EMBEDWORKER_TENANT_FROM`), `tenant`'s documents only."""
     from processors.errors import SinkConfigError
     from processors.sparse import Bm25Encoder
+    from schemas import InvalidEvent
+    from schemas.tenancy import check_tenant
 
     if not query.strip():
         raise UserError("the query is empty")
-    sink = _open_sink(settings)
+    if settings.tenant_from and tenant is None:
+        raise UserError("tenants are configured (EMBEDWORKER_TENANT_FROM): give --tenant")
+    if tenant is not None:
+        try:
+            check_tenant(tenant, "--tenant")
+        except InvalidEvent as exc:
+            raise UserError(exc.message) from None
+    owner = _open_sink(settings)
+    sink = owner.for_tenant(tenant) if tenant is not None else owner
     try:
         size = await _vector_size(sink)
         if size is None:
@@ -92,7 +104,7 @@ async def search(
                 )
         return await query_sink(sink, query, limit=limit, mode=mode, embedder=embedder, encoder=encoder, rrf_k=rrf_k)
     finally:
-        await sink.close()
+        await owner.close()
 
 
 async def _served_model(settings: Settings, sink: Any) -> Settings:

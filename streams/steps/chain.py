@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from processors.pipeline import Outcome, Pipeline
 from schemas import InputEvent, Limits
-from streams.assembly import build_mapping
+from streams.assembly import build_mapping, build_tenant_source
 from streams.batching import BatchPolicy, Batcher
 from streams.config import Settings
 from streams.offsets import OffsetTracker
@@ -96,6 +96,6 @@ def build_chain(
     limits = Limits(max_message_bytes=settings.max_message_bytes, max_text_bytes=settings.max_text_bytes)
     decode = Decode(
         next_step=batch, dead_letters=dead_letters, limits=limits, tokens=hooks.tokens, mapping=build_mapping(settings),
-        on_decoded=hooks.on_valid, on_key_mismatch=hooks.on_key_mismatch,
+        tenant=build_tenant_source(settings), on_decoded=hooks.on_valid, on_key_mismatch=hooks.on_key_mismatch,
     )
     return Chain(decode, batch, embed_store, publish, dead_letters, finish, publisher, batcher)

@@ -6,10 +6,12 @@ batch is planned with. Must not: batch, publish or finish anything itself.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from schemas import InputEvent, InvalidEvent, Limits
 from schemas.mapping import Mapping, decode_record
+from schemas.tenancy import TenantSource, expected_key, with_tenant
 from streams.steps import Fetched, Inline
 from streams.steps.batch import Batch
 from streams.steps.publish import DeadLetters
@@ -19,6 +21,7 @@ class Decode(Inline):
     def __init__(
         self, *, next_step: Batch, dead_letters: DeadLetters, limits: Limits, tokens: Callable[[InputEvent], int],
         mapping: Mapping = Mapping(),
+        tenant: TenantSource | None = None,
         on_decoded: Callable[[Fetched], None] = lambda item: None,
         on_key_mismatch: Callable[[Fetched], None] = lambda item: None,
     ) -> None:
@@ -26,6 +29,7 @@ class Decode(Inline):
         self.dead_letters = dead_letters
         self.limits = limits
         self.mapping = mapping
+        self.tenant = tenant
         self.tokens = tokens
         # Told here, in offset order, like the dead letters: the breaker counts both in one sequence.
         self.on_decoded = on_decoded
@@ -34,13 +38,15 @@ class Decode(Inline):
     def submit(self, item: Fetched) -> None:
         try:
             decoded = decode_record(item.value, item.key, item.headers, self.mapping, self.limits)
+            if self.tenant is not None:
+                decoded = dataclasses.replace(decoded, event=with_tenant(decoded.event, self.tenant, item.value, item.headers))
         except InvalidEvent as exc:
             self.dead_letters.submit([(item, exc.kind, exc.message)])
             return
         item.event, item.version = decoded.event, decoded.version
         self.on_decoded(item)
         key = item.key
-        if key is not None and self.mapping.native and key != item.event.id.encode("utf-8", "surrogatepass"):
+        if key is not None and self.mapping.native and key != expected_key(item.event):
             # Per-id order needs key = id: a keyed upsert of another key may land on another
             # partition than the same id's tombstone, and the two can then swap.
             self.on_key_mismatch(item)
