@@ -24,6 +24,7 @@ SCENARIOS: dict[str, str] = {
     "processes": "bench.scenarios.processes",
     "mapping": "bench.scenarios.mapping",
     "backfill": "bench.scenarios.backfill",
+    "fairness": "bench.scenarios.fairness",
 }
 """Scenario name -> its module, whose function of the same name runs it."""
 

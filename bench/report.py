@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ORDER = ["ceiling", "pipeline", "naive", "duplicates", "mixed_lengths", "profile", "latency", "overhead", "chunking", "http", "processes", "recall", "mapping", "backfill"]
+ORDER = ["ceiling", "pipeline", "naive", "duplicates", "mixed_lengths", "profile", "latency", "overhead", "chunking", "http", "processes", "recall", "mapping", "backfill", "fairness"]
 
 
 def _clean(value: Any) -> Any:

@@ -8,12 +8,20 @@ limits are interpolated linearly. On a full buffer a batch never waits: it is re
 
 A batch also closes at once when the consumer has caught up (`close_now`): the broker
 had nothing more when it answered, so waiting could only add latency.
+
+With tenants (`tenant_of`), a batch is filled by deficit round robin over the tenants of the
+buffered items: each round gives every tenant with items `quantum_tokens` more credit and takes
+its oldest items while their tokens fit it, the tenant served longest ago first; a tenant whose
+queue empties loses its credit (DRR's rule, so an idle tenant cannot save up). Each tenant's
+items leave in their own order, and a batch keeps the buffer's order, so events of one
+document (one tenant's) are never reordered; only different tenants' events overtake each
+other, and no further than the buffer reaches.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Callable, Generic, Hashable, TypeVar
 
 Item = TypeVar("Item")
 
@@ -46,8 +54,15 @@ class BatchPolicy:
 class Batcher(Generic[Item]):
     """Accumulates items with their token estimates; `take` returns one batch."""
 
-    def __init__(self, policy: BatchPolicy) -> None:
+    def __init__(
+        self, policy: BatchPolicy, *, tenant_of: Callable[[Item], Hashable] | None = None, quantum_tokens: int = 256,
+    ) -> None:
         self.policy = policy
+        self.tenant_of = tenant_of
+        self.quantum_tokens = quantum_tokens
+        self._deficit: dict[Hashable, int] = {}
+        self._served: dict[Hashable, int] = {}  # tenant -> the take that last served it
+        self._takes = 0
         self._items: list[tuple[Item, int]] = []
         self._tokens = 0
         self._opened_at: float | None = None
@@ -85,7 +100,12 @@ class Batcher(Generic[Item]):
         return max(0.0, self.max_wait - (now - self._opened_at))
 
     def take(self, now: float) -> list[Item]:
-        """The oldest items up to the message limit and token budget (at least one)."""
+        """The oldest items up to the message limit and token budget (at least one); fairly across tenants
+        (see the module's notes) when `tenant_of` is given and more than one tenant waits."""
+        if self.tenant_of is not None:
+            fair = self._take_fair(now)
+            if fair is not None:
+                return fair
         count, tokens = 0, 0
         for _, item_tokens in self._items:
             if count and (count >= self.max_messages or tokens + item_tokens > self.max_tokens):
@@ -96,6 +116,54 @@ class Batcher(Generic[Item]):
         self._tokens -= tokens
         self._opened_at = now if self._items else None
         self._closed_early = self._closed_early and bool(self._items)  # the rest came with it
+        return [item for item, _ in batch]
+
+    def _take_fair(self, now: float) -> list[Item] | None:
+        assert self.tenant_of is not None
+        queues: dict[Hashable, list[int]] = {}
+        for index, (item, _) in enumerate(self._items):
+            queues.setdefault(self.tenant_of(item), []).append(index)
+        if len(queues) < 2:
+            self._deficit = {t: d for t, d in self._deficit.items() if t in queues}
+            return None  # one tenant: the plain oldest-first batch
+        self._takes += 1
+        order = sorted(queues, key=lambda t: self._served.get(t, -1))
+        heads = {t: 0 for t in order}
+        chosen: list[int] = []
+        count = tokens = 0
+        full = False
+        while not full and any(heads[t] < len(queues[t]) for t in order):
+            for tenant in order:
+                queue, head = queues[tenant], heads[tenant]
+                if head >= len(queue):
+                    continue
+                before = self._deficit.get(tenant, 0)
+                credit = before + self.quantum_tokens
+                while head < len(queue):
+                    item_tokens = self._items[queue[head]][1]
+                    if item_tokens > credit and not (not chosen and head == heads[tenant]):
+                        break
+                    if count and (count >= self.max_messages or tokens + item_tokens > self.max_tokens):
+                        full = True
+                        break
+                    chosen.append(queue[head])
+                    count, tokens, credit = count + 1, tokens + item_tokens, max(0, credit - item_tokens)
+                    head += 1
+                    self._served[tenant] = self._takes
+                served = head > heads[tenant]
+                heads[tenant] = head
+                if not served and full:
+                    credit = before  # the batch filled before its turn: the round's quantum is not its to keep
+                self._deficit[tenant] = credit if head < len(queue) else 0  # an emptied queue keeps no credit
+                if full:
+                    break
+        taken = set(chosen)
+        batch = [self._items[i] for i in sorted(taken)]  # the buffer's order: one document's events stay in theirs
+        self._items = [entry for i, entry in enumerate(self._items) if i not in taken]
+        self._tokens -= tokens
+        self._opened_at = now if self._items else None
+        self._closed_early = self._closed_early and bool(self._items)
+        self._deficit = {t: d for t, d in self._deficit.items() if t in queues and heads[t] < len(queues[t])}
         return [item for item, _ in batch]
 
     def drain(self) -> list[Item]:

@@ -2,7 +2,8 @@
 
 Prefix `embedworker_`, base units, `_total` for counters, and only bounded label values:
 `topic`/`partition` (bounded by the topic's partitions), `reason`, `source`, `stage`,
-`operation`, `phase` (fixed sets, listed below).
+`operation`, `phase` (fixed sets, listed below), and `tenant`: at most
+EMBEDWORKER_TENANT_METRICS_TOP values plus `other` (`streams.tenants`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,22 @@ class Metrics:
         self.model_errors = Counter(
             "embedworker_model_errors_total", "Failed forward passes (retried; a text is dead-lettered only while others embed)",
             registry=r,
+        )
+        self.tenant_messages = Counter(
+            "embedworker_tenant_messages_total",
+            "Messages processed per tenant (the EMBEDWORKER_TENANT_METRICS_TOP largest; the rest: other)", ["tenant"], registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "embedworker_tenant_tokens_total", "Estimated tokens of the messages processed, per tenant (top N, other)",
+            ["tenant"], registry=r,
+        )
+        self.tenant_dead_letters = Counter(
+            "embedworker_tenant_dead_letters_total", "Dead letters of events with a tenant, per tenant (top N, other)",
+            ["tenant"], registry=r,
+        )
+        self.tenant_latency = Histogram(
+            "embedworker_tenant_latency_seconds", "Broker timestamp to result, per tenant (top N, other)", ["tenant"],
+            buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.migration_phase = Gauge(
             "embedworker_migration_phase", "1 for the phase of the collection's model migration (none when there is none)",

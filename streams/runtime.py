@@ -104,7 +104,8 @@ class Worker:
         self.backend: Backend = backend or KafkaBackend()
         self.metrics = metrics or Metrics()
         self.tracing = Tracing(enabled=settings.tracing)
-        self.telemetry = Telemetry(metrics=self.metrics, observer=observer or WorkerObserver(), tracing=self.tracing)
+        self.telemetry = Telemetry(metrics=self.metrics, observer=observer or WorkerObserver(), tracing=self.tracing,
+                                   tenants_top=settings.tenant_metrics_top, tokens=self._tokens)
         self.stats, self.observer = self.telemetry.stats, self.telemetry.observer
         self.pipeline = pipeline
         self.embedder = pipeline.embedder
@@ -165,7 +166,9 @@ class Worker:
             buffered_messages=self.finish.buffered_messages,
             buffered_bytes=self.finish.buffered_bytes,
             in_flight_batches=len(self.embed_store.tasks),
-            waiting_batches=len(self.batcher) // max(1, self.batcher.max_messages),
+            # Fair batching can only let a tenant's events overtake what is read: with it the buffer's
+            # caps bound the read-ahead, not the closed batches waiting for a slot.
+            waiting_batches=0 if self.batcher.tenant_of is not None else len(self.batcher) // max(1, self.batcher.max_messages),
             dead_letter_limit=self.gate.open,
         )
         self.metrics.batch_target_messages.set(self.batcher.max_messages)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from streams.backends import TopicPartition
 
 from processors.pipeline import Outcome, PipelineHooks
 from streams.metrics import Metrics
 from streams.steps import Fetched
+from streams.tenants import TenantLabels
 from streams.tracing import Tracing
 
 log = logging.getLogger("streams.runtime")
@@ -57,8 +58,13 @@ class WorkerObserver:
 class Telemetry:
     """The run's counters: `stats` for summaries, `metrics` for Prometheus, `observer` for the bench."""
 
-    def __init__(self, *, metrics: Metrics, observer: WorkerObserver, tracing: Tracing) -> None:
+    def __init__(
+        self, *, metrics: Metrics, observer: WorkerObserver, tracing: Tracing, tenants_top: int = 20,
+        tokens: Callable[[Any], int] = lambda event: 0,
+    ) -> None:
         self.metrics = metrics
+        self.tenants = TenantLabels(tenants_top)
+        self.tokens = tokens
         self.observer = observer
         self.tracing = tracing
         self.stats = RunStats()
@@ -109,13 +115,26 @@ class Telemetry:
             latency = max(0.0, finished_at - item.timestamp)
             stats.latencies.append(latency)
             observe(latency)
+            if outcome.event.tenant is not None:
+                self._count_tenant(outcome.event, latency)
         self.metrics.messages_processed.inc(len(results))
         deletes = sum(1 for _, o in results if o.event.is_delete)
         if deletes:
             self.metrics.documents_deleted.inc(deletes)
         self.observer.on_published([(item.tp, item.offset) for item, _ in results])
 
-    def dead_letters(self, count: int, stage: str) -> None:
+    def _count_tenant(self, event: Any, latency: float) -> None:
+        label = self.tenants.label(event.tenant)
+        m = self.metrics
+        m.tenant_messages.labels(tenant=label).inc()
+        m.tenant_tokens.labels(tenant=label).inc(self.tokens(event))
+        m.tenant_latency.labels(tenant=label).observe(latency)
+
+    def dead_letters(self, items: list[Fetched], stage: str) -> None:
+        count = len(items)
+        for item in items:
+            if item.event is not None and item.event.tenant is not None:
+                self.metrics.tenant_dead_letters.labels(tenant=self.tenants.label(item.event.tenant, 0)).inc()
         self.stats.dead_letters += count
         self.metrics.messages_failed.inc(count)
         self.metrics.messages_dead_lettered.labels(stage=stage).inc(count)

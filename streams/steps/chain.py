@@ -37,7 +37,7 @@ class ChainHooks:
     on_batch: Callable[[list[Fetched], int], None]
     on_batch_done: Callable[[list[Fetched], float], None]
     on_results: Callable[[list[tuple[Fetched, Outcome]], float], None]
-    on_dead_letters: Callable[[int, str], None]
+    on_dead_letters: Callable[[list[Fetched], str], None]
     on_publish_error: Callable[[str, str], None]
     on_error: Callable[[BaseException], None]
     tokens: Callable[[InputEvent], int]
@@ -70,7 +70,10 @@ def build_chain(
             max_wait_seconds=settings.batch_max_wait_ms / 1000,
             low_lag=settings.lag_low,
             high_lag=settings.lag_high,
-        )
+        ),
+        # Fair across tenants (deficit round robin by tokens) when tenants are configured.
+        tenant_of=(lambda item: item.event.tenant if item.event is not None else None)
+        if settings.tenant_from and settings.fair_batching else None,
     )
     finish = Finish(tracker=tracker)
     publisher = Publisher(

@@ -227,7 +227,7 @@ class Publish:
         dlq_topic: str,
         dlq_max_payload_bytes: int,
         on_results: Callable[[list[tuple[Fetched, Outcome]], float], None] = lambda results, at: None,
-        on_dead_letters: Callable[[int, str], None] = lambda count, stage: None,
+        on_dead_letters: Callable[[list[Fetched], str], None] = lambda items, stage: None,
         admit_dead_letter: Callable[[Fetched], bool] = lambda item: True,
     ) -> None:
         self.publisher = publisher
@@ -286,7 +286,7 @@ class Publish:
         await self.publisher.publish(records, batch_id=batch_id)
         done = [item for item, _, _ in failures if self._settle(item)]
         self.finish.submit(done)
-        self._on_dead_letters(len(done), stage)
+        self._on_dead_letters(done, stage)
 
     def _settle(self, item: Fetched) -> bool:
         """True when `item` may be finished; a fenced one is released instead (the new owner replays it)."""

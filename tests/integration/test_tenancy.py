@@ -84,6 +84,9 @@ async def test_two_tenants_share_ids_but_never_a_document_a_delete_or_a_cache_hi
             dead = [orjson.loads(r.value) for r in await read_topic(settings, settings.dlq_topic, expect=3)]
             assert sorted(d["error"]["type"] for d in dead) == ["invalid_tenant", "missing_tenant", "missing_tenant"]
             assert len(await stored(store)) == 3
+            assert metrics.registry.get_sample_value("embedworker_tenant_messages_total", {"tenant": "acme"}) == 4
+            assert metrics.registry.get_sample_value("embedworker_tenant_messages_total", {"tenant": "globex"}) == 2
+            assert metrics.registry.get_sample_value("embedworker_tenant_latency_seconds_count", {"tenant": "globex"}) == 2
     finally:
         await store.close()
 
