@@ -29,6 +29,7 @@ from streams.metrics import Metrics
 
 if TYPE_CHECKING:
     from schemas.tenancy import TenantSource
+    from streams.quotas import TenantQuotas
     from streams.backends import Backend
     from streams.runtime import Worker, WorkerObserver
 
@@ -51,6 +52,16 @@ def build_tenant_source(settings: Settings) -> "TenantSource | None":
     from schemas.tenancy import parse_tenant_from
 
     return parse_tenant_from(settings.tenant_from) if settings.tenant_from else None
+
+
+def build_quotas(settings: Settings) -> "TenantQuotas":
+    """Per-tenant token quotas (`EMBEDWORKER_TENANT_TOKENS_PER_SECOND`, `_TENANT_QUOTAS_FILE`); inactive without tenants."""
+    from streams.quotas import TenantQuotas, load_quotas
+
+    if not settings.tenant_from:
+        return TenantQuotas(0)
+    overrides = load_quotas(settings.tenant_quotas_file) if settings.tenant_quotas_file else {}
+    return TenantQuotas(settings.tenant_tokens_per_second, overrides)
 
 
 def build_embedder(settings: Settings, *, model: str | None = None) -> Embedder:

@@ -21,9 +21,11 @@ other, and no further than the buffer reaches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Any, Callable, Generic, Hashable, TypeVar
 
 Item = TypeVar("Item")
+QUOTA_RETRY_SECONDS = 0.05
+"""With quotas, how soon a batcher holding only over-quota tenants' events is asked again."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,9 +58,11 @@ class Batcher(Generic[Item]):
 
     def __init__(
         self, policy: BatchPolicy, *, tenant_of: Callable[[Item], Hashable] | None = None, quantum_tokens: int = 256,
+        quotas: Any = None,
     ) -> None:
         self.policy = policy
         self.tenant_of = tenant_of
+        self.quotas = quotas if quotas is not None and quotas.active else None  # `streams.quotas.TenantQuotas`
         self.quantum_tokens = quantum_tokens
         self._deficit: dict[Hashable, int] = {}
         self._served: dict[Hashable, int] = {}  # tenant -> the take that last served it
@@ -97,7 +101,8 @@ class Batcher(Generic[Item]):
             return None
         if self._closed_early:
             return 0.0
-        return max(0.0, self.max_wait - (now - self._opened_at))
+        due = max(0.0, self.max_wait - (now - self._opened_at))
+        return due if self.quotas is None else min(due, QUOTA_RETRY_SECONDS)  # a bucket refills meanwhile
 
     def take(self, now: float) -> list[Item]:
         """The oldest items up to the message limit and token budget (at least one); fairly across tenants
@@ -123,7 +128,9 @@ class Batcher(Generic[Item]):
         queues: dict[Hashable, list[int]] = {}
         for index, (item, _) in enumerate(self._items):
             queues.setdefault(self.tenant_of(item), []).append(index)
-        if len(queues) < 2:
+        if self.quotas is not None:
+            self.quotas.forget_idle(set(queues), now)
+        if len(queues) < 2 and self.quotas is None:
             self._deficit = {t: d for t, d in self._deficit.items() if t in queues}
             return None  # one tenant: the plain oldest-first batch
         self._takes += 1
@@ -132,10 +139,14 @@ class Batcher(Generic[Item]):
         chosen: list[int] = []
         count = tokens = 0
         full = False
-        while not full and any(heads[t] < len(queues[t]) for t in order):
+
+        def waiting() -> bool:
+            return any(heads[t] < len(queues[t]) and (self.quotas is None or self.quotas.allows(t, now)) for t in order)
+
+        while not full and waiting():
             for tenant in order:
                 queue, head = queues[tenant], heads[tenant]
-                if head >= len(queue):
+                if head >= len(queue) or (self.quotas is not None and not self.quotas.allows(tenant, now)):
                     continue
                 before = self._deficit.get(tenant, 0)
                 credit = before + self.quantum_tokens
@@ -150,6 +161,10 @@ class Batcher(Generic[Item]):
                     count, tokens, credit = count + 1, tokens + item_tokens, max(0, credit - item_tokens)
                     head += 1
                     self._served[tenant] = self._takes
+                    if self.quotas is not None:
+                        self.quotas.spend(tenant, item_tokens, now)
+                        if not self.quotas.allows(tenant, now):
+                            break  # over its quota: the rest of its events wait for the bucket
                 served = head > heads[tenant]
                 heads[tenant] = head
                 if not served and full:

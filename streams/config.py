@@ -238,6 +238,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("fair_batching", True, _bool,
            "With EMBEDWORKER_TENANT_FROM: fill batches across the buffered tenants by deficit round robin (by tokens), "
            "so a tenant's backlog does not hold back the others' events (only different ids are reordered)"),
+    Option("tenant_tokens_per_second", 0, _int_in(0, 1_000_000_000, "tokens/s", off=True),
+           "With EMBEDWORKER_TENANT_FROM: each tenant's share of the model, in estimated tokens a second (0: none); a tenant "
+           "over it is delayed, never dropped, and its partitions' commits wait for it"),
+    Option("tenant_quotas_file", "", _text,
+           "With EMBEDWORKER_TENANT_FROM: a JSON object of tenant: tokens per second overriding EMBEDWORKER_TENANT_TOKENS_PER_SECOND"),
     Option("tenant_metrics_top", 20, _int_in(0, 1000, "tenants"),
            "Tenants with their own label in the per-tenant metrics, the largest by messages (the rest: other)"),
     Option("pass_headers", "", _text,
@@ -343,6 +348,8 @@ class Settings:
     cache_scope: str
     fair_batching: bool
     tenant_metrics_top: int
+    tenant_tokens_per_second: int
+    tenant_quotas_file: str
     embed_retry_seconds: float
     model: str
     device: str
@@ -415,6 +422,13 @@ def _check(settings: Settings) -> None:
             parse_tenant_from(settings.tenant_from)
         except ValueError as exc:
             raise ConfigError("EMBEDWORKER_TENANT_FROM", str(exc)) from None
+    if settings.tenant_quotas_file:
+        from streams.quotas import load_quotas
+
+        try:
+            load_quotas(settings.tenant_quotas_file)
+        except ValueError as exc:
+            raise ConfigError("EMBEDWORKER_TENANT_QUOTAS_FILE", str(exc)) from None
     if settings.batch_min_messages > settings.batch_max_messages:
         raise ConfigError("EMBEDWORKER_BATCH_MIN_MESSAGES", "is above EMBEDWORKER_BATCH_MAX_MESSAGES")
     if settings.batch_min_tokens > settings.batch_max_tokens:

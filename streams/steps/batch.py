@@ -7,10 +7,11 @@ Must not: process anything.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Callable
 
-from streams.batching import Batcher
+from streams.batching import QUOTA_RETRY_SECONDS, Batcher
 from streams.steps import Fetched
 from streams.steps.embed_store import EmbedAndStore
 
@@ -27,7 +28,10 @@ class Batch:
         """Hand on every due batch (every buffered one when draining) while there is room."""
         now = time.monotonic()
         while self.next_step.has_room() and (len(self.batcher) if drain else self.batcher.ready(now)):
-            self.next_step.submit(self.batcher.take(now))
+            batch = self.batcher.take(now)
+            if not batch:
+                return  # every waiting tenant is over its quota: asked again within QUOTA_RETRY_SECONDS
+            self.next_step.submit(batch)
 
     def seconds_until_due(self) -> float | None:
         """None when nothing could start anyway (no room, or nothing buffered)."""
@@ -41,7 +45,10 @@ class Batch:
     async def join(self, deadline: float | None = None) -> None:
         """Drain: start every buffered batch as slots free, until the deadline."""
         while len(self.batcher) and (deadline is None or time.monotonic() < deadline):
+            before = len(self.batcher)
             self.poll(drain=True)
+            if len(self.batcher) == before and self.next_step.has_room():
+                await asyncio.sleep(QUOTA_RETRY_SECONDS)  # only over-quota events are left: pace until a bucket refills
             await self.next_step.wait_for_room(deadline)
 
     def close(self) -> None:

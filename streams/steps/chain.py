@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from processors.pipeline import Outcome, Pipeline
 from schemas import InputEvent, Limits
-from streams.assembly import build_mapping, build_tenant_source
+from streams.assembly import build_mapping, build_quotas, build_tenant_source
 from streams.batching import BatchPolicy, Batcher
 from streams.config import Settings
 from streams.offsets import OffsetTracker
@@ -60,6 +60,7 @@ def build_chain(
     tracing: Tracing,
 ) -> Chain:
     """The worker's steps; `producer()` is the Kafka producer once the worker runs."""
+    quotas = build_quotas(settings)
     batcher: Batcher[Fetched] = Batcher(
         BatchPolicy(
             min_messages=settings.batch_min_messages,
@@ -71,9 +72,10 @@ def build_chain(
             low_lag=settings.lag_low,
             high_lag=settings.lag_high,
         ),
-        # Fair across tenants (deficit round robin by tokens) when tenants are configured.
+        # Fair across tenants (deficit round robin by tokens) and within their quotas, when tenants are configured.
         tenant_of=(lambda item: item.event.tenant if item.event is not None else None)
-        if settings.tenant_from and settings.fair_batching else None,
+        if settings.tenant_from and (settings.fair_batching or quotas.active) else None,
+        quotas=quotas,
     )
     finish = Finish(tracker=tracker)
     publisher = Publisher(

@@ -150,3 +150,21 @@ async def test_fifty_tenants_under_sigkills_each_tenant_id_holds_its_last_event(
     assert set(docs) == {k for k, text in last.items() if text is not None}
     print(f"\ntenants under kills: {len(values)} events, {len(tenants)} tenants x {len(ids)} shared ids, "
           f"{sum(t is None for t in last.values())} deleted, 3 SIGKILLs, stale 0, resurrected 0")
+
+
+async def test_a_tenant_over_its_quota_is_delayed_never_dropped_while_others_pass(services, embedder, tmp_path):
+    quotas = tmp_path / "quotas.json"
+    quotas.write_text('{"slow": 150}')  # ~10 of these short texts a second
+    settings = await make_settings(services, partitions=2, tenant_from="tenant", tenant_quotas_file=str(quotas),
+                                   batch_max_wait_ms=20)
+    async with running_worker(settings, embedder) as worker:
+        await produce(settings, [tenant_event("slow", f"s{i}", f"slow tenant note {i} about kilns") for i in range(40)],
+                      keys=[f"slow/s{i}".encode() for i in range(40)])
+        await until(lambda: worker.stats.processed >= 1, "the first slow result", timeout=60)
+        await produce(settings, [tenant_event("free", f"f{i}", f"free tenant note {i} about moss") for i in range(10)],
+                      keys=[f"free/f{i}".encode() for i in range(10)])
+        await until(lambda: worker.stats.processed == 50, "every event of both tenants", timeout=120)
+    results = [(orjson.loads(r.value), r.timestamp) for r in await read_topic(settings, settings.output_topic, expect=50)]
+    last = {tenant: max(ts for body, ts in results if body["tenant"] == tenant) for tenant in ("slow", "free")}
+    assert len({(b["tenant"], b["id"]) for b, _ in results}) == 50
+    assert last["free"] < last["slow"]  # the free tenant, sent later, finished while the slow one waited for its bucket

@@ -82,3 +82,41 @@ def test_tenant_labels_stay_bounded_and_go_to_the_largest():
         seen.add(labels.label(tenant))
     assert len(seen) <= 6 and OTHER in seen and "whale" in seen
     assert labels.label(None) == OTHER
+
+
+def test_a_tenant_over_its_quota_waits_while_the_others_go_and_nothing_is_dropped():
+    from streams.quotas import TenantQuotas
+
+    quotas = TenantQuotas(0, {"slow": 100})  # 100 tokens a second for `slow`, no quota for the rest
+    batcher = Batcher(POLICY, tenant_of=lambda item: item[0], quantum_tokens=10, quotas=quotas)
+    for i in range(30):
+        batcher.add(("slow", i), 20, 0.0)
+    for i in range(5):
+        batcher.add(("free", i), 20, 0.0)
+    first = batcher.take(0.0)
+    assert [i for t, i in first if t == "free"] == [0, 1, 2, 3, 4]
+    assert [i for t, i in first if t == "slow"] == [0, 1, 2, 3, 4]  # one second's bucket: 100 tokens, 5 events
+    assert batcher.take(0.0) == []  # only `slow` is left and its bucket is empty: nothing starts, nothing is lost
+    assert batcher.seconds_until_due(0.0) is not None
+    later = batcher.take(0.5)  # half a second refills 50 tokens
+    assert [i for _, i in later] == [5, 6, 7]
+    taken, now = len(first) + len(later), 0.5
+    while len(batcher):
+        now += 0.2
+        taken += len(batcher.take(now))
+    assert taken == 35 and now >= 0.5 + (30 - 8) * 20 / 100 - 0.6  # the long-run rate is the quota
+
+
+def test_quotas_file_is_validated(tmp_path):
+    import pytest
+
+    from streams.quotas import load_quotas
+
+    good = tmp_path / "quotas.json"
+    good.write_text('{"acme": 500, "globex": 0}')
+    assert load_quotas(str(good)) == {"acme": 500.0, "globex": 0.0}
+    for text, message in [('["acme"]', "object"), ('{"bad tenant": 5}', "1-64"), ('{"acme": -1}', "0 or more"), ("{", "JSON")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_quotas(str(bad))
