@@ -157,6 +157,10 @@ def build_worker(
     """
     from streams.runtime import Worker
 
+    if settings.tenant_from and settings.tenancy == "collection":
+        from processors.tenant_store import TenantCollections
+
+        sink = TenantCollections(sink, template=settings.collection_template, max_collections=settings.max_tenant_collections)
     pipeline = build_pipeline(settings, embedder=embedder, sink=sink, cache=cache)
     return Worker(settings, pipeline=pipeline, metrics=metrics, observer=observer, backend=backend)
 

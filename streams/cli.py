@@ -38,7 +38,7 @@ SETTINGS_OF: dict[str, set[str] | None] = {
     "run": None,
     "demo": None,
     "produce": _KAFKA | _LIMITS | _LOGS | {"input_topic"},
-    "search": _QDRANT | _LOGS | {"model", "device", "tenant_from"},
+    "search": _QDRANT | _LOGS | {"model", "device", "tenant_from", "tenancy", "collection_template"},
     "status": _KAFKA | _LOGS | {"input_topic", "group_id"},
     "reembed": _KAFKA | _QDRANT | _LIMITS | _LOGS | {"input_topic", "device", "store_text", "sparse", "tenant_from"},
     "dlq": _KAFKA | _LOGS | {"input_topic", "dlq_topic", "max_message_bytes"},

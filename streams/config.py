@@ -229,9 +229,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("tenant_from", "", _text,
            "Where an event's tenant is read: a dotted path (tenant, metadata.org) or header:<name>; a tombstone's from "
            "the header, else from its key <tenant>/<id>. Empty (default): one tenant, as before"),
-    Option("tenancy", "payload", _choice("payload"),
+    Option("tenancy", "payload", _choice("payload", "collection"),
            "With EMBEDWORKER_TENANT_FROM: payload (one collection, a tenant field indexed as the tenant key, the tenant "
-           "in every point id, deletes and chunk cleanup scoped to the tenant)"),
+           "in every point id, deletes and chunk cleanup scoped to the tenant) or collection (a collection per tenant, "
+           "named by EMBEDWORKER_COLLECTION_TEMPLATE, created on first use)"),
+    Option("collection_template", "{collection}_{tenant}", _text,
+           "EMBEDWORKER_TENANCY=collection: the name of a tenant's collection ({collection}: EMBEDWORKER_COLLECTION, {tenant})"),
+    Option("max_tenant_collections", 100, _int_in(1, 100_000, "collections"),
+           "EMBEDWORKER_TENANCY=collection: tenants a worker process gives a collection; a new tenant past it is a dead "
+           "letter tenant_limit"),
     Option("cache_scope", "tenant", _choice("tenant", "global"),
            "With EMBEDWORKER_TENANT_FROM: tenant (the Redis cache keyed per tenant: a cached result reveals nothing "
            "across tenants) or global (identical texts share vectors across tenants: a side channel)"),
@@ -349,6 +355,8 @@ class Settings:
     fair_batching: bool
     tenant_metrics_top: int
     tenant_tokens_per_second: int
+    collection_template: str
+    max_tenant_collections: int
     tenant_quotas_file: str
     embed_retry_seconds: float
     model: str
@@ -422,6 +430,10 @@ def _check(settings: Settings) -> None:
             parse_tenant_from(settings.tenant_from)
         except ValueError as exc:
             raise ConfigError("EMBEDWORKER_TENANT_FROM", str(exc)) from None
+    if "{tenant}" not in settings.collection_template:
+        raise ConfigError("EMBEDWORKER_COLLECTION_TEMPLATE", "must contain {tenant}")
+    if settings.tenancy == "collection" and not settings.tenant_from:
+        raise ConfigError("EMBEDWORKER_TENANCY", "collection needs EMBEDWORKER_TENANT_FROM")
     if settings.tenant_quotas_file:
         from streams.quotas import load_quotas
 

@@ -601,6 +601,8 @@ async def pinned_sink(settings: Settings, sink: Any) -> Any:
     """The collection a worker writes: its own side's during a migration, else what the alias names now.
 
     Resolved once, at start: a later flip of the alias must never redirect a running worker."""
+    if getattr(sink, "routes_tenants", False):
+        return sink  # a collection per tenant: no alias to pin
     try:
         migration = await read_migration(sink, settings.collection)
     except AttributeError:
@@ -656,6 +658,8 @@ class MigrationFollower:
     async def poll(self) -> None:
         from streams.metrics import MIGRATION_PHASES
 
+        if self.settings.tenant_from and self.settings.tenancy == "collection":
+            return  # migrations move one collection; a collection per tenant is not one
         try:
             migration = await read_migration(self.parts.sink, self.settings.collection)
         except Exception as exc:

@@ -75,7 +75,12 @@ async def search(
             check_tenant(tenant, "--tenant")
         except InvalidEvent as exc:
             raise UserError(exc.message) from None
-    owner = _open_sink(settings)
+    if tenant is not None and settings.tenancy == "collection":
+        from processors.tenant_store import collection_of
+
+        owner = _open_sink(settings, collection_of(settings.collection_template, settings.collection, tenant))
+    else:
+        owner = _open_sink(settings)
     sink = owner.for_tenant(tenant) if tenant is not None else owner
     try:
         size = await _vector_size(sink)

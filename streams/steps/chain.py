@@ -101,6 +101,6 @@ def build_chain(
     limits = Limits(max_message_bytes=settings.max_message_bytes, max_text_bytes=settings.max_text_bytes)
     decode = Decode(
         next_step=batch, dead_letters=dead_letters, limits=limits, tokens=hooks.tokens, mapping=build_mapping(settings),
-        tenant=build_tenant_source(settings), on_decoded=hooks.on_valid, on_key_mismatch=hooks.on_key_mismatch,
+        tenant=build_tenant_source(settings), admit_tenant=getattr(pipeline.sink, "admit", None), on_decoded=hooks.on_valid, on_key_mismatch=hooks.on_key_mismatch,
     )
     return Chain(decode, batch, embed_store, publish, dead_letters, finish, publisher, batcher)

@@ -22,6 +22,7 @@ class Decode(Inline):
         self, *, next_step: Batch, dead_letters: DeadLetters, limits: Limits, tokens: Callable[[InputEvent], int],
         mapping: Mapping = Mapping(),
         tenant: TenantSource | None = None,
+        admit_tenant: Callable[[str], bool] | None = None,
         on_decoded: Callable[[Fetched], None] = lambda item: None,
         on_key_mismatch: Callable[[Fetched], None] = lambda item: None,
     ) -> None:
@@ -30,6 +31,7 @@ class Decode(Inline):
         self.limits = limits
         self.mapping = mapping
         self.tenant = tenant
+        self.admit_tenant = admit_tenant
         self.tokens = tokens
         # Told here, in offset order, like the dead letters: the breaker counts both in one sequence.
         self.on_decoded = on_decoded
@@ -40,6 +42,10 @@ class Decode(Inline):
             decoded = decode_record(item.value, item.key, item.headers, self.mapping, self.limits)
             if self.tenant is not None:
                 decoded = dataclasses.replace(decoded, event=with_tenant(decoded.event, self.tenant, item.value, item.headers))
+                tenant = decoded.event.tenant
+                if self.admit_tenant is not None and tenant is not None and not self.admit_tenant(tenant):
+                    raise InvalidEvent("tenant_limit", f"tenant {tenant!r} would pass the limit of collections per worker "
+                                       "(EMBEDWORKER_MAX_TENANT_COLLECTIONS)")
         except InvalidEvent as exc:
             self.dead_letters.submit([(item, exc.kind, exc.message)])
             return

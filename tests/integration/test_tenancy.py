@@ -168,3 +168,31 @@ async def test_a_tenant_over_its_quota_is_delayed_never_dropped_while_others_pas
     last = {tenant: max(ts for body, ts in results if body["tenant"] == tenant) for tenant in ("slow", "free")}
     assert len({(b["tenant"], b["id"]) for b, _ in results}) == 50
     assert last["free"] < last["slow"]  # the free tenant, sent later, finished while the slow one waited for its bucket
+
+
+async def test_a_collection_per_tenant_and_a_new_tenant_past_the_limit_is_a_dead_letter(services, embedder, tmp_path):
+    from streams.commands.search import search
+
+    settings = await make_settings(services, partitions=1, tenant_from="tenant", tenancy="collection",
+                                   max_tenant_collections=2, qdrant_path=str(tmp_path / "q"), qdrant_engine="edge",
+                                   batch_max_wait_ms=20)
+    store = build_sink(settings)
+    try:
+        async with running_worker(settings, embedder, sink=store) as worker:
+            await produce(settings, [tenant_event("acme", "doc-1", "Acme's kettle manual."),
+                                     tenant_event("globex", "doc-1", "Globex's road survey."),
+                                     tenant_event("initech", "doc-1", "Initech's third tenant text."),
+                                     tenant_event("acme", "doc-2", "Acme's second document."),
+                                     None],
+                          keys=[b"acme/doc-1", b"globex/doc-1", b"initech/doc-1", b"acme/doc-2", b"globex/doc-1"])
+            await until(lambda: worker.stats.processed + worker.stats.dead_letters == 5, "every record", timeout=60)
+            acme = await stored(store.for_collection(f"{settings.collection}_acme"))
+            globex = await stored(store.for_collection(f"{settings.collection}_globex"))
+            assert set(acme) == {("acme", "doc-1"), ("acme", "doc-2")} and globex == {}  # globex's doc-1 deleted again
+            assert not await store.collection_exists(f"{settings.collection}_initech")
+        dead = [orjson.loads(r.value) for r in await read_topic(settings, settings.dlq_topic, expect=1)]
+        assert [d["error"]["type"] for d in dead] == ["tenant_limit"]
+    finally:
+        await store.close()
+    hits = await search(settings, "kettle", limit=3, tenant="acme", embedder=embedder)
+    assert {h.payload["tenant"] for h in hits} == {"acme"}
