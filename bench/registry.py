@@ -25,6 +25,7 @@ SCENARIOS: dict[str, str] = {
     "mapping": "bench.scenarios.mapping",
     "backfill": "bench.scenarios.backfill",
     "fairness": "bench.scenarios.fairness",
+    "tenancy": "bench.scenarios.tenancy",
 }
 """Scenario name -> its module, whose function of the same name runs it."""
 

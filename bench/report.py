@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ORDER = ["ceiling", "pipeline", "naive", "duplicates", "mixed_lengths", "profile", "latency", "overhead", "chunking", "http", "processes", "recall", "mapping", "backfill", "fairness"]
+ORDER = ["ceiling", "pipeline", "naive", "duplicates", "mixed_lengths", "profile", "latency", "overhead", "chunking", "http", "processes", "recall", "mapping", "backfill", "fairness", "tenancy"]
 
 
 def _clean(value: Any) -> Any:

@@ -20,6 +20,7 @@ other, and no further than the buffer reaches.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Hashable, TypeVar
 
@@ -54,7 +55,10 @@ class BatchPolicy:
 
 
 class Batcher(Generic[Item]):
-    """Accumulates items with their token estimates; `take` returns one batch."""
+    """Accumulates items with their token estimates; `take` returns one batch.
+
+    With `tenant_of`, items wait in one queue per tenant (kept as they arrive, so a take costs
+    the batch it returns, not the whole buffer) and leave by deficit round robin."""
 
     def __init__(
         self, policy: BatchPolicy, *, tenant_of: Callable[[Item], Hashable] | None = None, quantum_tokens: int = 256,
@@ -67,7 +71,10 @@ class Batcher(Generic[Item]):
         self._deficit: dict[Hashable, int] = {}
         self._served: dict[Hashable, int] = {}  # tenant -> the take that last served it
         self._takes = 0
-        self._items: list[tuple[Item, int]] = []
+        self._items: list[tuple[Item, int]] = []  # without tenants
+        self._queues: dict[Hashable, deque[tuple[int, Item, int]]] = {}  # with tenants: (arrival, item, tokens)
+        self._arrivals = 0
+        self._count = 0
         self._tokens = 0
         self._opened_at: float | None = None
         self._closed_early = False
@@ -75,7 +82,7 @@ class Batcher(Generic[Item]):
 
     def close_now(self) -> None:
         """Make what is open ready without waiting (the source has nothing more right now)."""
-        self._closed_early = bool(self._items)
+        self._closed_early = bool(self._count)
 
     def adapt(self, lag: int) -> None:
         self.max_messages, self.max_tokens, self.max_wait = self.policy.targets(lag)
@@ -83,21 +90,26 @@ class Batcher(Generic[Item]):
     def add(self, item: Item, tokens: int, now: float) -> None:
         if self._opened_at is None:
             self._opened_at = now
-        self._items.append((item, tokens))
+        if self.tenant_of is None:
+            self._items.append((item, tokens))
+        else:
+            self._queues.setdefault(self.tenant_of(item), deque()).append((self._arrivals, item, tokens))
+            self._arrivals += 1
+        self._count += 1
         self._tokens += tokens
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._count
 
     def ready(self, now: float) -> bool:
-        if not self._items:
+        if not self._count:
             return False
-        if self._closed_early or len(self._items) >= self.max_messages or self._tokens >= self.max_tokens:
+        if self._closed_early or self._count >= self.max_messages or self._tokens >= self.max_tokens:
             return True
         return self._opened_at is not None and now - self._opened_at >= self.max_wait
 
     def seconds_until_due(self, now: float) -> float | None:
-        if not self._items or self._opened_at is None:
+        if not self._count or self._opened_at is None:
             return None
         if self._closed_early:
             return 0.0
@@ -105,12 +117,10 @@ class Batcher(Generic[Item]):
         return due if self.quotas is None else min(due, QUOTA_RETRY_SECONDS)  # a bucket refills meanwhile
 
     def take(self, now: float) -> list[Item]:
-        """The oldest items up to the message limit and token budget (at least one); fairly across tenants
-        (see the module's notes) when `tenant_of` is given and more than one tenant waits."""
+        """The oldest items up to the message limit and token budget (at least one, unless every waiting
+        tenant is over its quota); by deficit round robin across tenants when `tenant_of` is given."""
         if self.tenant_of is not None:
-            fair = self._take_fair(now)
-            if fair is not None:
-                return fair
+            return self._take_fair(now)
         count, tokens = 0, 0
         for _, item_tokens in self._items:
             if count and (count >= self.max_messages or tokens + item_tokens > self.max_tokens):
@@ -118,82 +128,91 @@ class Batcher(Generic[Item]):
             count += 1
             tokens += item_tokens
         batch, self._items = self._items[:count], self._items[count:]
-        self._tokens -= tokens
-        self._opened_at = now if self._items else None
-        self._closed_early = self._closed_early and bool(self._items)  # the rest came with it
+        self._settle(count, tokens, now)
         return [item for item, _ in batch]
 
-    def _take_fair(self, now: float) -> list[Item] | None:
-        assert self.tenant_of is not None
-        queues: dict[Hashable, list[int]] = {}
-        for index, (item, _) in enumerate(self._items):
-            queues.setdefault(self.tenant_of(item), []).append(index)
+    def _settle(self, count: int, tokens: int, now: float) -> None:
+        self._count -= count
+        self._tokens -= tokens
+        self._opened_at = now if self._count else None
+        self._closed_early = self._closed_early and bool(self._count)  # the rest came with it
+
+    def _allows(self, tenant: Hashable, now: float) -> bool:
+        return self.quotas is None or self.quotas.allows(tenant, now)
+
+    def _take_fair(self, now: float) -> list[Item]:
+        queues = self._queues
         if self.quotas is not None:
             self.quotas.forget_idle(set(queues), now)
-        if len(queues) < 2 and self.quotas is None:
-            self._deficit = {t: d for t, d in self._deficit.items() if t in queues}
-            return None  # one tenant: the plain oldest-first batch
         self._takes += 1
-        order = sorted(queues, key=lambda t: self._served.get(t, -1))
-        heads = {t: 0 for t in order}
-        chosen: list[int] = []
+        order = sorted(queues, key=lambda t: self._served.get(t, -1))  # served longest ago first
+        chosen: list[tuple[int, Item]] = []
         count = tokens = 0
         full = False
-
-        def waiting() -> bool:
-            return any(heads[t] < len(queues[t]) and (self.quotas is None or self.quotas.allows(t, now)) for t in order)
-
-        while not full and waiting():
+        while not full and any(queues[t] and self._allows(t, now) for t in order):
             for tenant in order:
-                queue, head = queues[tenant], heads[tenant]
-                if head >= len(queue) or (self.quotas is not None and not self.quotas.allows(tenant, now)):
+                queue = queues[tenant]
+                if not queue or not self._allows(tenant, now):
                     continue
                 before = self._deficit.get(tenant, 0)
-                credit = before + self.quantum_tokens
-                while head < len(queue):
-                    item_tokens = self._items[queue[head]][1]
-                    if item_tokens > credit and not (not chosen and head == heads[tenant]):
-                        break
+                credit, served = before + self.quantum_tokens, False
+                while queue:
+                    arrival, item, item_tokens = queue[0]
+                    if item_tokens > credit and (chosen or served):
+                        break  # only a batch's very first item may exceed the credit (progress)
                     if count and (count >= self.max_messages or tokens + item_tokens > self.max_tokens):
                         full = True
                         break
-                    chosen.append(queue[head])
-                    count, tokens, credit = count + 1, tokens + item_tokens, max(0, credit - item_tokens)
-                    head += 1
+                    queue.popleft()
+                    chosen.append((arrival, item))
+                    count, tokens, credit, served = count + 1, tokens + item_tokens, max(0, credit - item_tokens), True
                     self._served[tenant] = self._takes
                     if self.quotas is not None:
                         self.quotas.spend(tenant, item_tokens, now)
                         if not self.quotas.allows(tenant, now):
                             break  # over its quota: the rest of its events wait for the bucket
-                served = head > heads[tenant]
-                heads[tenant] = head
                 if not served and full:
                     credit = before  # the batch filled before its turn: the round's quantum is not its to keep
-                self._deficit[tenant] = credit if head < len(queue) else 0  # an emptied queue keeps no credit
+                self._deficit[tenant] = credit if queue else 0  # an emptied queue keeps no credit (DRR)
                 if full:
                     break
-        taken = set(chosen)
-        batch = [self._items[i] for i in sorted(taken)]  # the buffer's order: one document's events stay in theirs
-        self._items = [entry for i, entry in enumerate(self._items) if i not in taken]
-        self._tokens -= tokens
-        self._opened_at = now if self._items else None
-        self._closed_early = self._closed_early and bool(self._items)
-        self._deficit = {t: d for t, d in self._deficit.items() if t in queues and heads[t] < len(queues[t])}
-        return [item for item, _ in batch]
+        for tenant in [t for t, q in queues.items() if not q]:
+            del queues[tenant]
+            self._deficit.pop(tenant, None)
+        chosen.sort(key=lambda entry: entry[0])  # arrival order: one document's events stay in theirs
+        self._settle(count, tokens, now)
+        return [item for _, item in chosen]
 
     def drain(self) -> list[Item]:
-        items = [item for item, _ in self._items]
-        self._items, self._tokens, self._opened_at = [], 0, None
+        if self.tenant_of is None:
+            items = [item for item, _ in self._items]
+        else:
+            items = [item for _, item, _ in sorted((e for q in self._queues.values() for e in q), key=lambda e: e[0])]
+        self._items, self._queues, self._deficit = [], {}, {}
+        self._count, self._tokens, self._opened_at = 0, 0, None
         self._closed_early = False
         return items
 
     def remove(self, predicate) -> list[Item]:
         """Remove and return the items matching `predicate` (for revoked partitions)."""
-        kept = [(i, t) for i, t in self._items if not predicate(i)]
-        removed = [i for i, _ in self._items if predicate(i)]
-        self._items = kept
-        self._tokens = sum(t for _, t in kept)
-        if not kept:
+        if self.tenant_of is None:
+            removed = [i for i, _ in self._items if predicate(i)]
+            self._items = [(i, t) for i, t in self._items if not predicate(i)]
+            entries = [(0, t) for _, t in self._items]
+        else:
+            gone: list[tuple[int, Item]] = []
+            for tenant in list(self._queues):
+                kept = deque(e for e in self._queues[tenant] if not predicate(e[1]))
+                gone.extend((a, i) for a, i, _ in self._queues[tenant] if predicate(i))
+                if kept:
+                    self._queues[tenant] = kept
+                else:
+                    del self._queues[tenant]
+                    self._deficit.pop(tenant, None)
+            removed = [i for _, i in sorted(gone, key=lambda e: e[0])]
+            entries = [(0, t) for q in self._queues.values() for _, _, t in q]
+        self._count, self._tokens = len(entries), sum(t for _, t in entries)
+        if not self._count:
             self._opened_at = None
             self._closed_early = False
         return removed
