@@ -319,7 +319,11 @@ async def _start_shadow_group(settings: Settings, migration: Migration, timeout:
     from streams.commands.common import _start_client, _stop_quietly
     from streams.commands.status import partition_offsets
 
+    from streams.backends.kafka import ensure_topics
+
     live = {p.partition: p for p in await partition_offsets(settings, timeout=timeout)}
+    # Where the shadow's result events and dead letters go (a broker may not create topics on first use).
+    await ensure_topics(settings, {f"{settings.output_topic}.shadow": max(1, len(live)), f"{settings.dlq_topic}.shadow": 1})
     shadow = {p.partition: p for p in await partition_offsets(settings.replace(group_id=migration.shadow_group), timeout=timeout)}
     offsets = {}
     for partition, row in live.items():
@@ -344,7 +348,6 @@ async def backfill(
 ) -> tuple[Migration, Any]:
     """Copy the live collection into the shadow with the new model (versions kept), then begin dual writes."""
     from streams.assembly import build_embedder, close_all
-    from streams.commands.reembed import reembed
 
     async with _Store(settings, store) as store:
         migration = await _current(store, settings.collection)

@@ -9,12 +9,9 @@ embedded store (an embedded path is one process's) while `cutover` and `rollback
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +21,7 @@ from streams import migration
 from streams.assembly import assemble, build_embedder, build_sink
 from streams.commands.common import UserError
 from streams.metrics import Metrics
-from support import event, make_cache, make_settings, produce, retrieve, until
+from support import event, make_cache, make_settings, produce, until
 
 NEW_DIMENSIONS = 128
 STABLE = [f"stable-{i}" for i in range(20)]
@@ -93,7 +90,6 @@ async def test_a_model_change_under_a_stream_loses_nothing_and_readers_never_mis
         services, partitions=2, qdrant_path=str(tmp_path / "q") if engine == "edge" else "", qdrant_engine=engine,
         versioned_collections=True, batch_max_wait_ms=20,
     )
-    alias = settings.collection
     store = build_sink(settings)
     metrics = Metrics()
     new_settings = settings.replace(dimensions=NEW_DIMENSIONS)

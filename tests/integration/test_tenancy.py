@@ -8,7 +8,6 @@ and a record without a valid tenant is a dead letter.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from typing import Any
 
@@ -19,7 +18,8 @@ from schemas import point_id, tenant_key
 from streams.assembly import build_sink
 from streams.commands.search import query_sink
 from streams.metrics import Metrics
-from support import STORE_KINDS, make_cache, make_settings, make_store, produce, read_topic, running_worker, until
+from test_faults import _no_worker_outlives_its_test, worker_env  # noqa: F401  (the fixture: no worker outlives its test)
+from support import make_cache, make_settings, make_store, produce, read_topic, running_worker, until
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +117,6 @@ def test_search_needs_a_tenant_when_tenants_are_configured(capsys, clean_cli_sta
 async def test_fifty_tenants_under_sigkills_each_tenant_id_holds_its_last_event(services, embedder, tmp_path):
     """The mirror property per (tenant, id): 50 tenants over the same 8 ids, upserts, updates and deletes
     (tombstones keyed <tenant>/<id>), worker processes SIGKILLed three times."""
-    from test_faults import _no_worker_outlives_its_test, worker_env  # noqa: F401  (the fixture)
     from test_mirror import run_with_kills
 
     rng = random.Random(5)
