@@ -179,6 +179,7 @@ class Batcher(Generic[Item]):
         for tenant in [t for t, q in queues.items() if not q]:
             del queues[tenant]
             self._deficit.pop(tenant, None)
+            self._served.pop(tenant, None)  # bounded by the tenants waiting; one back later queues as new
         chosen.sort(key=lambda entry: entry[0])  # arrival order: one document's events stay in theirs
         self._settle(count, tokens, now)
         return [item for _, item in chosen]

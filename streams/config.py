@@ -430,6 +430,12 @@ def _check(settings: Settings) -> None:
             parse_tenant_from(settings.tenant_from)
         except ValueError as exc:
             raise ConfigError("EMBEDWORKER_TENANT_FROM", str(exc)) from None
+        if not settings.tenant_from.startswith("header:") and (
+            settings.input_format == "debezium" or (settings.id_from or "id").startswith("key")
+        ):
+            # A field is read from the record's value, which a delete's row or a tombstone does not carry the same way.
+            raise ConfigError("EMBEDWORKER_TENANT_FROM", "with Debezium events or ids from the key, the tenant must come "
+                              "from a header (header:<name>)")
     if "{tenant}" not in settings.collection_template:
         raise ConfigError("EMBEDWORKER_COLLECTION_TEMPLATE", "must contain {tenant}")
     if settings.tenancy == "collection" and not settings.tenant_from:

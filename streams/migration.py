@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 from processors.errors import SinkConfigError
 from processors.sink import VectorStore, versioned_collection
+from schemas import tenant_key
 from streams.commands.common import DEFAULT_TIMEOUT_SECONDS, UserError, _open_sink
 from streams.config import Settings
 
@@ -86,7 +87,8 @@ class Side:
 
     def matches(self, settings: Settings) -> bool:
         """Whether a worker with these settings embeds as this side does."""
-        return (settings.model, settings.dimensions, settings.embedder) == (self.model, self.dimensions, self.embedder)
+        return (settings.model, settings.dimensions, settings.embedder, settings.quantization) == \
+            (self.model, self.dimensions, self.embedder, self.quantization)
 
     def settings(self, settings: Settings) -> Settings:
         """`settings` with this side's model and collection (its own vector size and quantization)."""
@@ -271,12 +273,13 @@ async def start(
             if live is None:
                 if not await store.collection_exists(alias):
                     raise UserError(f"collection {alias!r} does not exist in {store.location}: run the worker first")
-                if type(store).__name__ != "EdgeSink":
-                    raise UserError(
-                        f"{alias!r} is a plain collection, and Qdrant cannot put an alias of the same name over it: "
-                        "re-embed it once into a versioned collection behind an alias (EMBEDWORKER_VERSIONED_COLLECTIONS=1)"
-                    )
-                live = alias  # qdrant-edge: the project's own alias record may name a collection over its own name
+                # An alias over a collection of its own name would hide that collection's writers (Qdrant refuses it;
+                # on qdrant-edge the pinned old side would resolve to the new collection after the flip).
+                raise UserError(
+                    f"{alias!r} is a plain collection, not an alias: re-embed it once into a versioned collection behind "
+                    f"an alias (embedworker reembed --from-collection {alias} --target-collection NEW, then point an alias "
+                    "at it; new collections get one with EMBEDWORKER_VERSIONED_COLLECTIONS=1)"
+                )
             old = Side.of(settings, live)
             if wanted.model == old.model and wanted.dimensions == old.dimensions and wanted.embedder == old.embedder \
                     and wanted.quantization == old.quantization:
@@ -416,7 +419,8 @@ async def _documents(sink: Any) -> dict[str, dict[str, Any]]:
     for point in await sink.points(with_vectors=False):
         payload = point.payload
         if int(payload.get("chunk_index", 0) or 0) == 0 and isinstance(payload.get("id"), str):
-            found[payload["id"]] = payload
+            tenant = payload.get("tenant")
+            found[payload["id"] if not isinstance(tenant, str) else tenant_key(tenant, payload["id"])] = payload
     return found
 
 
@@ -526,7 +530,9 @@ def _doc_ids(hits: Sequence[Any]) -> list[str]:
     """The first 10 distinct documents among chunk hits."""
     ids: list[str] = []
     for hit in hits:
-        doc_id = hit.payload.get("id", hit.id)
+        doc_id, tenant = hit.payload.get("id", hit.id), hit.payload.get("tenant")
+        if isinstance(tenant, str):
+            doc_id = tenant_key(tenant, doc_id)  # as `_documents` names it
         if doc_id not in ids:
             ids.append(doc_id)
         if len(ids) == 10:
@@ -538,10 +544,12 @@ async def cutover(settings: Settings, *, store: VectorStore | None = None, force
     """Flip the alias to the new collection (one step), only after a passing check unless `force`."""
     async with _Store(settings, store) as store:
         migration = await _current(store, settings.collection, phases=("dual", "rolled_back", "cutover"))
-        if migration.phase != "cutover":
-            if not force and not (migration.last_check or {}).get("passed"):
-                raise UserError("the last check did not pass (embedworker migrate check), or none ran: cutover refused (--force)")
+        if migration.phase != "cutover" and not force and not (migration.last_check or {}).get("passed"):
+            raise UserError("the last check did not pass (embedworker migrate check), or none ran: cutover refused (--force)")
+        # The alias first, the record second; a run again after a crash in between finds the alias and saves the record.
+        if await store.alias_target(migration.alias) != migration.new.collection:
             await store.switch_alias(migration.alias, migration.new.collection)
+        if migration.phase != "cutover":
             migration.phase = "cutover"
             await save(store, migration)
         return migration
@@ -551,8 +559,9 @@ async def rollback(settings: Settings, *, store: VectorStore | None = None) -> M
     """Flip the alias back to the old collection (kept current by the live group until `finish`)."""
     async with _Store(settings, store) as store:
         migration = await _current(store, settings.collection, phases=("cutover", "rolled_back"))
-        if migration.phase == "cutover":
+        if await store.alias_target(migration.alias) != migration.old.collection:
             await store.switch_alias(migration.alias, migration.old.collection)
+        if migration.phase != "rolled_back":
             migration.phase = "rolled_back"
             await save(store, migration)
         return migration
@@ -561,16 +570,24 @@ async def rollback(settings: Settings, *, store: VectorStore | None = None) -> M
 async def finish(settings: Settings, *, store: VectorStore | None = None, drop_old: bool = False) -> Migration:
     """Stop dual writes; the served side stays. `drop_old` deletes the collection the alias no longer names."""
     async with _Store(settings, store) as store:
-        migration = await _current(store, settings.collection, phases=("cutover", "rolled_back", "finished"))
+        migration = await _current(store, settings.collection, phases=("dual", "cutover", "rolled_back", "finished"))
+        target = await store.alias_target(migration.alias)
+        if migration.phase == "dual" and target != migration.new.collection:  # (dual with the new one served: a killed cutover)
+            raise UserError(f"the migration of {migration.alias!r} is in phase dual: cut over (or roll back) before finish")
         if migration.phase != "finished":
-            migration.outcome = "new" if migration.phase == "cutover" else "old"
+            # What the alias names decides, not the phase: a flip interrupted before its record was saved still counts.
+            if target not in (migration.new.collection, migration.old.collection):
+                raise UserError(f"the alias {migration.alias!r} names {target!r}, neither side of the migration: nothing finished")
+            migration.outcome = "new" if target == migration.new.collection else "old"
             migration.phase = "finished"
             await save(store, migration)
         served = migration.served
         unused = migration.old if served is migration.new else migration.new
         if drop_old and unused.collection != served.collection and await store.collection_exists(unused.collection):
-            if await store.alias_target(migration.alias) != served.collection:
+            if target != served.collection:
                 raise UserError(f"the alias {migration.alias!r} does not name {served.collection!r}: nothing dropped")
+            if not unused.collection.startswith(f"{migration.alias}__"):
+                raise UserError(f"{unused.collection!r} is not a versioned collection of {migration.alias!r}: not dropped")
             await store.drop_collection(unused.collection)
         return migration
 
@@ -604,12 +621,18 @@ async def pinned_sink(settings: Settings, sink: Any) -> Any:
     """The collection a worker writes: its own side's during a migration, else what the alias names now.
 
     Resolved once, at start: a later flip of the alias must never redirect a running worker."""
-    if getattr(sink, "routes_tenants", False):
+    if getattr(sink, "routes_tenants", False) or (settings.tenant_from and settings.tenancy == "collection"):
         return sink  # a collection per tenant: no alias to pin
     try:
         migration = await read_migration(sink, settings.collection)
     except AttributeError:
         return sink  # a store without control records (a test double): as given
+    except SinkConfigError:
+        raise
+    except Exception as exc:  # e.g. a key limited to one collection may not read the control collection
+        log.warning("cannot read the migration record of %s (%s): writing %s as configured, migrations not followed",
+                    settings.collection, type(exc).__name__, settings.collection)
+        return sink
     if migration is not None and migration.phase != "finished":
         side = migration.side_of(settings)
         if side is None:
@@ -644,6 +667,7 @@ class MigrationFollower:
         self._failures = 0
         self._retry_at = 0.0
         self._counted = 0
+        self._record_unreadable = False
 
     def request_stop(self) -> None:
         self._stopping = True
@@ -667,8 +691,11 @@ class MigrationFollower:
             migration = await read_migration(self.parts.sink, self.settings.collection)
         except Exception as exc:
             self.metrics.migration_errors.inc()
-            log.warning("cannot read the migration record of %s: %s", self.settings.collection, str(exc)[:300])
+            level = logging.DEBUG if self._record_unreadable else logging.WARNING  # a lasting cause is one line
+            self._record_unreadable = True
+            log.log(level, "cannot read the migration record of %s: %s", self.settings.collection, " ".join(str(exc).split())[:300])
             return
+        self._record_unreadable = False
         phase = migration.phase if migration is not None else "none"
         for name in MIGRATION_PHASES:
             self.metrics.migration_phase.labels(phase=name).set(1 if name == phase else 0)
@@ -683,7 +710,8 @@ class MigrationFollower:
             if side is not None and getattr(migration, side) is not served and self.main is not None and self.failure is None:
                 self.failure = (f"the migration of {migration.alias!r} finished and serves {served.describe()}; this worker "
                                 f"writes {getattr(migration, side).describe()}: restart it with EMBEDWORKER_MODEL={served.model}"
-                                + (f" and EMBEDWORKER_DIMENSIONS={served.dimensions}" if served.dimensions else ""))
+                                + (f" and EMBEDWORKER_DIMENSIONS={served.dimensions}" if served.dimensions else "")
+                                + f" and EMBEDWORKER_QUANTIZATION={served.quantization}")
                 log.error("%s", self.failure)
                 self.main.request_stop()
             return

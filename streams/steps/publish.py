@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from processors.backoff import Backoff
 from processors.errors import PublishError
 from processors.ordering import Sequencer, Turn
+from schemas.tenancy import expected_key
 from processors.pipeline import Outcome
 from schemas import SourcePosition, encode_dead_letter, headers_size
 from streams.backends import BrokerError
@@ -253,7 +254,7 @@ class Publish:
             results, failures = split_outcomes([(item, o) for item, o in zip(batch, outcomes) if self.live(item)])
             if results:
                 await self.publisher.publish(
-                    [OutRecord(self.output_topic, o.event.id.encode("utf-8"), o.result.encode(), live=partial(self.live, item),  # type: ignore[union-attr]
+                    [OutRecord(self.output_topic, expected_key(o.event), o.result.encode(), live=partial(self.live, item),  # type: ignore[union-attr]
                                headers=item.headers)
                      for item, o in results],
                     batch_id=batch_id,

@@ -388,3 +388,54 @@ async def _has(store, *ids: str) -> bool:
     except SinkConfigError:  # not created yet
         return False
     return all(i in found for i in ids)
+
+
+def test_a_quantization_only_migration_tells_its_sides_apart():
+    from streams.config import load_settings
+
+    old = load_settings({"collection": "texts"}, environ={})
+    new = old.replace(quantization="int8")
+    record = migration.Migration(alias="texts", phase="finished", old=migration.Side.of(old, "texts__m__1"),
+                                 new=migration.Side.of(new, "texts__m__2"), shadow_group="g.migrate.1", outcome="new")
+    assert record.side_of(old) == "old" and record.side_of(new) == "new"  # a restarted int8 worker is not stopped
+
+
+async def test_flips_follow_the_alias_when_a_step_died_between_the_flip_and_its_record(tmp_path):
+    """The alias is switched before the record is saved: a step killed in between leaves the alias ahead of the record.
+    Running the step again, or `finish`, goes by what the alias names."""
+    settings = await _edge_settings(tmp_path)
+    store = build_sink(settings)
+    try:
+        for name in ("texts__m__1", "texts__m__2"):
+            await store.for_collection(name).ensure_collection(4)
+        await store.switch_alias("texts", "texts__m__1")
+        record = migration.Migration(alias="texts", phase="dual", old=migration.Side("texts__m__1", "m"),
+                                     new=migration.Side("texts__m__2", "m", 4), shadow_group="g.migrate.1",
+                                     last_check={"passed": True})
+        await migration.save(store, record)
+        await store.switch_alias("texts", "texts__m__2")  # a cutover killed right after its flip
+        done = await migration.finish(settings, store=store)
+        assert done.outcome == "new" and done.served == done.new  # not "old", as the phase alone would say
+        await store.for_collection("plain").ensure_collection(4)
+        with pytest.raises(UserError, match="not an alias"):  # a plain collection is never adopted under its own name
+            await migration.start(settings.replace(collection="plain"), model="m2", store=store)
+    finally:
+        await store.close()
+
+
+async def test_a_rerun_cutover_saves_the_record_a_killed_one_did_not(tmp_path):
+    settings = await _edge_settings(tmp_path)
+    store = build_sink(settings)
+    try:
+        for name in ("texts__m__1", "texts__m__2"):
+            await store.for_collection(name).ensure_collection(4)
+        await store.switch_alias("texts", "texts__m__2")
+        await migration.save(store, migration.Migration(
+            alias="texts", phase="dual", old=migration.Side("texts__m__1", "m"), new=migration.Side("texts__m__2", "m", 4),
+            shadow_group="g.migrate.1", last_check={"passed": True}))
+        done = await migration.cutover(settings, store=store)
+        assert done.phase == "cutover" and (await migration.read_migration(store, "texts")).phase == "cutover"
+        back = await migration.rollback(settings, store=store)
+        assert back.phase == "rolled_back" and await store.alias_target("texts") == "texts__m__1"
+    finally:
+        await store.close()

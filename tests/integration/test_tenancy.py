@@ -58,7 +58,9 @@ async def test_two_tenants_share_ids_but_never_a_document_a_delete_or_a_cache_hi
             assert docs[("acme", "doc-1")]["_point"] != docs[("globex", "doc-1")]["_point"]
             assert docs[("globex", "doc-1")]["text"].startswith("Globex")
 
-            results = [orjson.loads(r.value) for r in await read_topic(settings, settings.output_topic, expect=4)]
+            records = await read_topic(settings, settings.output_topic, expect=4)
+            assert sorted(r.key for r in records) == [b"acme/doc-1", b"acme/doc-2", b"globex/doc-1", b"globex/doc-2"]
+            results = [orjson.loads(r.value) for r in records]
             by_doc = {(r["tenant"], r["id"]): r for r in results}
             assert by_doc[("acme", "doc-2")]["cached"] is False
             # Globex sent the text acme had embedded: with the cache scoped per tenant, nothing tells it so.

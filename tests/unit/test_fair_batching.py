@@ -120,3 +120,14 @@ def test_quotas_file_is_validated(tmp_path):
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):
             load_quotas(str(bad))
+
+
+def test_a_tenant_field_cannot_be_read_from_debezium_rows_or_beside_key_ids():
+    import pytest
+
+    from streams.config import ConfigError, load_settings
+
+    for extra in ({"input_format": "debezium"}, {"id_from": "key"}, {"id_from": "key.id"}):
+        with pytest.raises(ConfigError, match="header"):
+            load_settings({"tenant_from": "tenant", **extra}, environ={})
+    assert load_settings({"tenant_from": "header:x-tenant", "input_format": "debezium"}, environ={}).tenant_from
