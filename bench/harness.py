@@ -523,14 +523,15 @@ def encode_events(texts: Sequence[str], prefix: str, ids: Sequence[str] | None =
     return [orjson.dumps({"id": ids[i], "text": t, "metadata": {"n": i}}) for i, t in enumerate(texts)]
 
 
-async def produce_backlog(settings: Any, values: Sequence[bytes]) -> None:
+async def produce_backlog(settings: Any, values: Sequence[bytes], keys: Sequence[bytes] | None = None) -> None:
+    """`values` to the input topic, keyed `keys` (default: each one's index)."""
     from streams.backends.kafka import make_producer
 
     producer = make_producer(settings, linger_ms=20)
     await producer.start()
     try:
         for i, value in enumerate(values):
-            await producer.send(settings.input_topic, value=value, key=str(i).encode())
+            await producer.send(settings.input_topic, value=value, key=keys[i] if keys is not None else str(i).encode())
         await producer.flush()
     finally:
         await producer.stop()

@@ -540,31 +540,30 @@ def _doc_ids(hits: Sequence[Any]) -> list[str]:
     return ids
 
 
+async def _flip(store: Any, migration: Migration, side: Side, phase: str) -> Migration:
+    """The alias to `side`, then the record to `phase`: a run again after a crash in between finds the alias and saves."""
+    if await store.alias_target(migration.alias) != side.collection:
+        await store.switch_alias(migration.alias, side.collection)
+    if migration.phase != phase:
+        migration.phase = phase
+        await save(store, migration)
+    return migration
+
+
 async def cutover(settings: Settings, *, store: VectorStore | None = None, force: bool = False) -> Migration:
     """Flip the alias to the new collection (one step), only after a passing check unless `force`."""
     async with _Store(settings, store) as store:
         migration = await _current(store, settings.collection, phases=("dual", "rolled_back", "cutover"))
         if migration.phase != "cutover" and not force and not (migration.last_check or {}).get("passed"):
             raise UserError("the last check did not pass (embedworker migrate check), or none ran: cutover refused (--force)")
-        # The alias first, the record second; a run again after a crash in between finds the alias and saves the record.
-        if await store.alias_target(migration.alias) != migration.new.collection:
-            await store.switch_alias(migration.alias, migration.new.collection)
-        if migration.phase != "cutover":
-            migration.phase = "cutover"
-            await save(store, migration)
-        return migration
+        return await _flip(store, migration, migration.new, "cutover")
 
 
 async def rollback(settings: Settings, *, store: VectorStore | None = None) -> Migration:
     """Flip the alias back to the old collection (kept current by the live group until `finish`)."""
     async with _Store(settings, store) as store:
         migration = await _current(store, settings.collection, phases=("cutover", "rolled_back"))
-        if await store.alias_target(migration.alias) != migration.old.collection:
-            await store.switch_alias(migration.alias, migration.old.collection)
-        if migration.phase != "rolled_back":
-            migration.phase = "rolled_back"
-            await save(store, migration)
-        return migration
+        return await _flip(store, migration, migration.old, "rolled_back")
 
 
 async def finish(settings: Settings, *, store: VectorStore | None = None, drop_old: bool = False) -> Migration:

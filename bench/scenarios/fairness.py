@@ -26,23 +26,10 @@ import orjson
 
 from bench.common import build_tiny_model, clean_share, target
 from bench import harness
-from bench.harness import Context, CpuMeter, WorkerParts, bench_worker, median, new_settings, on_torch_thread, percentile, short_texts
+from bench.harness import Context, CpuMeter, WorkerParts, bench_worker, median, new_settings, on_torch_thread, percentile, produce_backlog, short_texts
 
 PARTITIONS = 4
 TRICKLE_PER_SECOND = 20.0
-
-
-async def _produce(settings: Any, records: list[tuple[bytes, bytes]]) -> None:
-    from streams.backends.kafka import make_producer
-
-    producer = make_producer(settings, linger_ms=20)
-    await producer.start()
-    try:
-        for key, value in records:
-            await producer.send(settings.input_topic, value=value, key=key)
-        await producer.flush()
-    finally:
-        await producer.stop()
 
 
 async def _arm(ctx: Context, embedder: Any, backlog: list[str], fair: bool, rep: int, buffer: int | None = None) -> dict[str, Any]:
@@ -53,8 +40,8 @@ async def _arm(ctx: Context, embedder: Any, backlog: list[str], fair: bool, rep:
 
     extra = {"buffer_max_messages": buffer} if buffer else {}
     settings = await new_settings(ctx, partitions=PARTITIONS, tenant_from="tenant", fair_batching=fair, **extra)
-    await _produce(settings, [(f"big/doc-{i}".encode(), orjson.dumps({"id": f"doc-{i}", "text": t, "tenant": "big"}))
-                              for i, t in enumerate(backlog)])
+    await produce_backlog(settings, [orjson.dumps({"id": f"doc-{i}", "text": t, "tenant": "big"}) for i, t in enumerate(backlog)],
+                          keys=[f"big/doc-{i}".encode() for i in range(len(backlog))])
     parts = WorkerParts(ctx, settings)
     sent: dict[str, float] = {}
     producer = make_producer(settings, linger_ms=0)
