@@ -37,6 +37,7 @@ class Commits:
         self._lock = asyncio.Lock()
         # Last commit seen per partition, kept across rebalances to notice a broker that lost its state.
         self._committed_before: dict[TopicPartition, int] = {}
+        self._reported_unknown: set[str] = set()
 
     async def commit(self, tps: Iterable[TopicPartition] | None = None) -> None:
         """Commit the finished prefix of each (given) assigned partition."""
@@ -59,6 +60,8 @@ class Commits:
             try:
                 await consumer.commit(offsets)
             except BrokerError as exc:
+                if exc.kind == "UnknownTopicOrPartitionError":
+                    self._report_unknown_topic(offsets)
                 log.warning("commit failed (%s); it will be retried", exc.kind)
                 return
             self.tracker.mark_committed(offsets)
@@ -67,6 +70,22 @@ class Commits:
             for tp in offsets:
                 self._last_commit_at[tp] = now
             self.metrics.commits.inc()
+
+    def _report_unknown_topic(self, offsets: dict[TopicPartition, int]) -> None:
+        """A topic this member committed to before is unknown to the broker: say so once per topic.
+
+        The rejoin that would report the committed offsets going back may find no partitions
+        at all (the topic is gone until something recreates it), so this is the first sign.
+        """
+        for topic in sorted({tp.topic for tp in offsets if tp in self._committed_before}):
+            if topic in self._reported_unknown:
+                continue
+            self._reported_unknown.add(topic)
+            log.error(
+                "the broker no longer knows topic %s, which this group committed to: it was deleted or the "
+                "broker lost its state (a memory-only broker restarted?); waiting for it to come back",
+                topic,
+            )
 
     async def assigned(self, assigned: list[TopicPartition]) -> None:
         """Read the group's committed offsets of new partitions, so lag is known at once."""
@@ -84,6 +103,7 @@ class Commits:
                     "state (a memory-only broker restarted?); consuming from there",
                     tp.topic, tp.partition, previous, committed,
                 )
+            self._reported_unknown.discard(tp.topic)
             if committed is not None:
                 self.tracker.set_committed(tp, committed)
             # Without a committed offset the group starts at the log's beginning; the first

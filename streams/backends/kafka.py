@@ -51,6 +51,10 @@ def consumer_options(settings: Settings) -> dict[str, Any]:
         heartbeat_interval_ms=3_000,
         rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
         max_poll_interval_ms=300_000,
+        # A subscribed topic missing at a rejoin (deleted, or a broker that lost its state) gets
+        # no partitions until the next metadata refresh: 30 s, not aiokafka's 5 minutes, so a
+        # recreated topic (or one with partitions added) is consumed again within half a minute.
+        metadata_max_age_ms=30_000,
         # The broker may hold an idle fetch this long before answering (Apache Kafka answers
         # as soon as data arrives; the local Tansu broker holds the whole wait). At light
         # load aiokafka's 500 ms default, not the model, set end-to-end latency (p99 337 ms

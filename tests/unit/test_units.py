@@ -8,6 +8,7 @@ import uuid
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry
 
 from processors.cache import decode_vector, encode_vector
 from processors import torch_thread
@@ -23,9 +24,13 @@ from schemas import (
     encode_dead_letter,
     point_id,
 )
+from streams.backends import BrokerError, TopicPartition
 from streams.batching import BatchPolicy, Batcher
+from streams.commits import Commits
 from streams.config import ConfigError, load_settings
+from streams.fencing import Fencing
 from streams.flow import FlowController, FlowSignals, Watermarks
+from streams.metrics import Metrics
 from streams.offsets import OffsetTracker
 
 # ---- schemas -------------------------------------------------------------------------------
@@ -406,3 +411,43 @@ def test_point_ids_are_rfc_4122_uuid5_of_the_id_and_chunk():
         assert point_id(doc_id) == str(uuid_module.uuid5(POINT_NAMESPACE, doc_id))
         assert point_id(doc_id, 3) == str(uuid_module.uuid5(POINT_NAMESPACE, f"{doc_id}\x003"))
         assert uuid_module.UUID(point_id(doc_id)).version == 5
+
+
+class _CommitRefusingConsumer:
+    """The consumer side of `Commits`, answering each commit with the broker's error (no I/O to fake)."""
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp, self.error = tp, None
+
+    def assignment(self) -> set:
+        return {self.tp}
+
+    async def position(self, tp: TopicPartition) -> int:
+        raise BrokerError("no position", kind="NotAssigned")
+
+    async def commit(self, offsets: dict) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+async def test_a_commit_to_a_topic_the_broker_no_longer_knows_says_the_broker_lost_its_state(caplog):
+    """A memory-only broker restarted: the first sign is a commit refused with an unknown topic
+    (the rejoin that would show the committed offsets going back may find no partitions yet)."""
+    tp = TopicPartition("events", 0)
+    consumer = _CommitRefusingConsumer(tp)
+    tracker, fencing = OffsetTracker(), Fencing()
+    fencing.assign([tp])
+    commits = Commits(consumer=lambda: consumer, tracker=tracker, fencing=fencing, metrics=Metrics(CollectorRegistry()))
+    tracker.set_committed(tp, 0)
+    for offset in range(2):
+        tracker.register(tp, offset, timestamp=offset)
+        tracker.finish(tp, offset)
+    await commits.commit()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    tracker.register(tp, 2, timestamp=2)
+    tracker.finish(tp, 2)
+    consumer.error = BrokerError("unknown", kind="UnknownTopicOrPartitionError")
+    await commits.commit()
+    await commits.commit()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "the broker lost its state" in errors[0] and "events" in errors[0]
