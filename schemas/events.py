@@ -97,6 +97,13 @@ class Version:
     value: int
 
 
+def _may_nest_deeper(encoded: bytes, limit: int) -> bool:
+    """Whether JSON `encoded` could nest deeper than `limit` (as `_depth` counts: a scalar is a
+    level below its container): its opening brackets, plus one, are an upper bound (brackets
+    inside strings count too). Two C scans spare the Python walk for the usual flat metadata."""
+    return encoded.count(b"{") + encoded.count(b"[") + 1 > limit
+
+
 def _depth(value: Any, limit: int) -> int:
     """Nesting depth, stopping early once `limit` is exceeded."""
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -189,13 +196,14 @@ def decode_input(raw: bytes | None, limits: Limits = DEFAULT_LIMITS, *, key: byt
     elif not isinstance(metadata, dict):
         raise InvalidEvent("invalid_metadata", f"metadata must be an object, got {type(metadata).__name__}")
     elif metadata:
-        size = len(orjson.dumps(metadata))
+        encoded = orjson.dumps(metadata)
+        size = len(encoded)
         if size > limits.max_metadata_bytes:
             raise InvalidEvent(
                 "metadata_too_large", f"metadata is {size} bytes, limit is {limits.max_metadata_bytes}"
             )
         # Walked only once its size is bounded; fields the worker ignores are never walked.
-        if _depth(metadata, limits.max_depth - 1) > limits.max_depth - 1:
+        if _may_nest_deeper(encoded, limits.max_depth - 1) and _depth(metadata, limits.max_depth - 1) > limits.max_depth - 1:
             raise InvalidEvent("too_deep", f"metadata nesting deeper than {limits.max_depth}")
     return InputEvent(id=event_id, text=text, metadata=metadata)
 

@@ -22,7 +22,8 @@ from typing import Any
 import orjson
 
 from schemas.events import (
-    DEFAULT_LIMITS, OP_DELETE, OP_UPSERT, InputEvent, InvalidEvent, Limits, _check_id, _check_string, _depth, decode_input,
+    DEFAULT_LIMITS, OP_DELETE, OP_UPSERT, InputEvent, InvalidEvent, Limits, _check_id, _check_string, _depth, _may_nest_deeper,
+    decode_input,
 )
 
 FORMATS = ("json", "debezium")
@@ -259,10 +260,11 @@ def _metadata(row: dict[str, Any], mapping: Mapping, limits: Limits) -> dict[str
                 if found is not _MISSING:
                     metadata[path.rsplit(".", 1)[-1]] = found
     if metadata:
-        size = len(orjson.dumps(metadata))
+        encoded = orjson.dumps(metadata)
+        size = len(encoded)
         if size > limits.max_metadata_bytes:
             raise InvalidEvent("metadata_too_large", f"metadata is {size} bytes, limit is {limits.max_metadata_bytes}")
-        if _depth(metadata, limits.max_depth - 1) > limits.max_depth - 1:
+        if _may_nest_deeper(encoded, limits.max_depth - 1) and _depth(metadata, limits.max_depth - 1) > limits.max_depth - 1:
             raise InvalidEvent("too_deep", f"metadata nesting deeper than {limits.max_depth}")
     return metadata
 
