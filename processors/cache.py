@@ -8,9 +8,10 @@ degrades to "no cache" for that call and is counted; it never fails a batch.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
+from redis.exceptions import ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ def decode_vector(raw: bytes, dim: int, dtype: str = "float32") -> np.ndarray | 
     return np.frombuffer(raw, dtype=item).astype(np.float32)
 
 
+_SET_MANY_SCRIPT = "for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1]) end return #KEYS"
+"""SET with a TTL for every key of a batch, in one round trip and one command to pack and parse."""
+
+
 class RedisCache:
     """Redis-backed `VectorCache`.
 
@@ -89,6 +94,7 @@ class RedisCache:
         self._prefix = prefix
         self._on_error = on_error or (lambda operation: None)
         self._failing = False
+        self._set_script: Any = self._redis.register_script(_SET_MANY_SCRIPT)
 
     def _failed(self, operation: str, exc: Exception) -> None:
         self._on_error(operation)
@@ -114,17 +120,38 @@ class RedisCache:
         return [None if value is None else decode_vector(value, dim, self._dtype) for value in raw]
 
     async def set_many(self, items: Sequence[tuple[str, np.ndarray]]) -> None:
+        """One script call for the batch (a pipeline costs ~15 us of client CPU per key, the
+        script ~3); where the server refuses scripts (an ACL without @scripting, a managed Redis
+        with EVAL off) the batch goes as a pipeline of SETs from then on."""
         if not items:
             return
+        keys = [self._prefix + content_hash for content_hash, _ in items]
+        values = [encode_vector(vector, self._dtype) for _, vector in items]
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for content_hash, vector in items:
-                    pipe.set(self._prefix + content_hash, encode_vector(vector, self._dtype), ex=self._ttl)
-                await pipe.execute()
+            if self._set_script is not None:
+                try:
+                    await self._set_script(keys=keys, args=[self._ttl, *values])
+                    self._recovered()
+                    return
+                except ResponseError as exc:
+                    refused = exc
+                await self._set_pipelined(keys, values)
+                self._set_script = None
+                # The server's first words only: its message may quote the script.
+                log.warning("redis refused the cache's write script (%s); writing entries one SET each",
+                            " ".join(str(refused).split()[:6])[:80])
+            else:
+                await self._set_pipelined(keys, values)
         except Exception as exc:
             self._failed("set", exc)
             return
         self._recovered()
+
+    async def _set_pipelined(self, keys: Sequence[str], values: Sequence[bytes]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, value in zip(keys, values):
+                pipe.set(key, value, ex=self._ttl)
+            await pipe.execute()
 
     async def healthy(self) -> bool:
         try:

@@ -155,6 +155,39 @@ async def test_redis_outage_degrades_to_no_cache(embedder, sink, services):
     assert float(np.dot(points[point_id("a")][0], expected)) > 0.999
 
 
+async def test_cache_writes_expire_and_a_redis_refusing_scripts_still_gets_them(services, caplog):
+    """A batch's entries go in one script call, each with the TTL; a user whose ACL refuses
+    scripting (managed Redis often does) gets the same entries as a pipeline of SETs."""
+    import redis.asyncio as redis
+    from urllib.parse import urlsplit
+
+    vectors = np.eye(4, 8, dtype=np.float32)
+    cache = RedisCache(url=services.redis_url, prefix=f"test:{unique('script')}:", ttl_seconds=600)
+    await cache.set_many([(f"h{i}", vectors[i]) for i in range(2)])
+    got = await cache.get_many(["h0", "h1", "h2"], 8)
+    assert np.array_equal(got[0], vectors[0]) and np.array_equal(got[1], vectors[1]) and got[2] is None
+    admin = redis.Redis.from_url(services.redis_url)
+    assert 0 < await admin.ttl(cache._prefix + "h0") <= 600
+    await cache.close()
+
+    user = unique("noscript")
+    await admin.execute_command("ACL", "SETUSER", user, "on", "nopass", "~*", "+@all", "-@scripting")
+    try:
+        url = urlsplit(services.redis_url)
+        limited = RedisCache(url=f"redis://{user}:x@{url.hostname}:{url.port}{url.path}", prefix=f"test:{unique('pipe')}:", ttl_seconds=600)
+        await limited.set_many([(f"h{i}", vectors[i]) for i in range(2)])
+        await limited.set_many([("h2", vectors[2])])
+        got = await limited.get_many(["h0", "h1", "h2"], 8)
+        assert all(np.array_equal(got[i], vectors[i]) for i in range(3))
+        assert 0 < await admin.ttl(limited._prefix + "h2") <= 600
+        refusals = [r for r in caplog.records if "refused the cache's write script" in r.getMessage()]
+        assert len(refusals) == 1
+        await limited.close()
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()
+
+
 async def test_a_model_outage_dead_letters_nothing_and_a_poison_text_still_is(embedder, sink):
     import time
 
