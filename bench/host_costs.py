@@ -10,7 +10,11 @@ Each figure is measured beside its baseline in the same run, and reported as a r
   embedded stores leave off;
 - metadata-only updates: a stream of updates that change only metadata (same texts, 384-wide
   vectors as the bundled model's), with payload-only writes on against the same stream with
-  them off (every update writes its vector), on both engines.
+  them off (every update writes its vector), on both engines;
+- cache writes: client time per key of one script call per batch of 256 against the pipeline of
+  SETs it falls back to (Redis at REDIS_URL, else a throwaway redis-server);
+- qdrant-edge points: `Point(id, vector, payload)` with the worker's payload against none, and
+  the cost of one payload value by type (what the binding's conversion charges).
 
 Writes <out>/host_costs.json and host_costs.png (default bench/results/tmp/) and prints the JSON. Numbers are this
 machine's; the ratios are what to compare.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -168,6 +173,75 @@ async def metadata_only_costs(rounds: int, batch: int) -> dict[str, Any]:
     return result
 
 
+async def cache_write_costs(batches: int, batch: int) -> dict[str, Any]:
+    """Client time per key of a cache write: one script call per batch against a pipeline of SETs (the fallback)."""
+    import numpy as np
+
+    from processors.cache import RedisCache
+
+    url, local = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), None
+    probe = RedisCache(url=url, timeout_seconds=0.5)
+    if not await probe.healthy():
+        from streams.devstack import LocalRedis
+
+        local = LocalRedis().start()
+        url = local.url
+    await probe.close()
+    cache = RedisCache(url=url, prefix=f"embedworker:bench-{time.time_ns()}:", ttl_seconds=600)
+    vectors = np.random.default_rng(0).standard_normal((batch, 384)).astype(np.float32)
+    script_us, pipeline_us = [], []
+    try:
+        for b in range(batches):
+            # Alternating arms, new keys each time: a drift of the machine's speed hits both alike.
+            for arm, times in (("s", script_us), ("p", pipeline_us)):
+                keys = [f"{cache._prefix}{arm}{b}-{i}" for i in range(batch)]
+                values = [v.astype("<f4").tobytes() for v in vectors]
+                started = time.perf_counter()
+                if arm == "s":
+                    await cache._set_script(keys=keys, args=[600, *values])
+                else:
+                    await cache._set_pipelined(keys, values)
+                times.append((time.perf_counter() - started) / batch * 1e6)
+    finally:
+        await cache.close()
+        if local is not None:
+            local.close()
+    script, pipeline = statistics.median(script_us), statistics.median(pipeline_us)
+    return {"batch": batch, "batches": batches, "script_us_per_key": script, "pipeline_us_per_key": pipeline,
+            "ratio": script / pipeline}
+
+
+def edge_point_costs(points: int) -> dict[str, Any]:
+    """qdrant-edge's `Point(id, vector, payload)` per point: the worker's payload against none, and per value type.
+
+    The binding converts payload values in Python-side order (bool, number, str, ...), so a
+    str or a dict pays for the failed attempts before it: the per-type figures show it."""
+    import uuid
+
+    import qdrant_edge as qe
+
+    ids = [str(uuid.UUID(int=i)) for i in range(points)]
+    vector = [0.1] * 384
+    worker_payload = {
+        "id": "kb-17", "chunk_index": 0, "chunk_count": 1, "chunk_start": 0, "chunk_end": 52, "metadata": {"lang": "en"},
+        "content_hash": "9f" * 32, "model": "all-MiniLM-L6-v2", "truncated": False,
+        "text": "Reset a password. Open settings and choose security.",
+    }
+
+    def cost(payload: Any) -> float:
+        started = time.perf_counter()
+        for point_id in ids:
+            qe.Point(point_id, vector, payload)
+        return (time.perf_counter() - started) / points * 1e6
+
+    base = min(cost(None) for _ in range(3))
+    result: dict[str, Any] = {"no_payload_us": base, "worker_payload_us": min(cost(worker_payload) for _ in range(3))}
+    for kind, value in (("bool", True), ("int", 7), ("float", 0.5), ("str", "en"), ("dict", {})):
+        result[f"one_{kind}_value_us"] = min(cost({"k": value}) for _ in range(3)) - base
+    result["worker_payload_ratio"] = result["worker_payload_us"] / base
+    return result
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """One bar per measured ratio (each against its same-run baseline, drawn at 1.0)."""
     try:
@@ -185,6 +259,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for kind in ("memory", "edge"):
         bars[f"guard ({kind})"] = result["version_guard"][kind]["ratio"]
         bars[f"metadata-only ({kind})"] = result["metadata_only"][kind]["ratio"]
+    bars["cache write: script / pipeline"] = result["cache_writes"]["ratio"]
+    bars["edge point: worker payload / none"] = result["edge_points"]["worker_payload_ratio"]
     figure, axes = plt.subplots(figsize=(8, 0.45 * len(bars) + 1.2))
     axes.barh(list(bars), list(bars.values()), color="#4878a8")
     axes.axvline(1.0, color="black", linewidth=0.8)
@@ -204,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tmp")
     args = parser.parse_args(argv)
     result = {"decode": decode_costs(args.calls), "version_guard": asyncio.run(guard_costs(args.rounds, 256)),
-              "metadata_only": asyncio.run(metadata_only_costs(3 * args.rounds, 256))}
+              "metadata_only": asyncio.run(metadata_only_costs(3 * args.rounds, 256)),
+              "cache_writes": asyncio.run(cache_write_costs(3 * args.rounds, 256)), "edge_points": edge_point_costs(max(1_000, args.calls // 2))}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host_costs.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     plot(result, args.out / "host_costs.png")
