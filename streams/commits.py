@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any, Callable, Iterable
 
-from streams.backends import BrokerError, TopicPartition
+from streams.backends import BrokerError, BrokerUnavailable, CommitFailed, TopicPartition
 
 from streams.fencing import Fencing
 from streams.metrics import Metrics
@@ -22,6 +22,17 @@ from streams.offsets import OffsetTracker
 log = logging.getLogger("streams.runtime")
 
 _BROKER_ERRORS = (BrokerError, asyncio.TimeoutError)
+
+
+def _commit_error(exc: BrokerError) -> str:
+    """The bounded label of a failed commit (`streams.metrics.COMMIT_ERRORS`)."""
+    if isinstance(exc, CommitFailed):
+        return "rebalance"
+    if exc.kind == "UnknownTopicOrPartitionError":
+        return "unknown_topic"
+    if isinstance(exc, BrokerUnavailable):
+        return "unavailable"
+    return "other"
 
 
 class Commits:
@@ -62,6 +73,7 @@ class Commits:
             except BrokerError as exc:
                 if exc.kind == "UnknownTopicOrPartitionError":
                     self._report_unknown_topic(offsets)
+                self.metrics.commit_failures.labels(error=_commit_error(exc)).inc()
                 log.warning("commit failed (%s); it will be retried", exc.kind)
                 return
             self.tracker.mark_committed(offsets)

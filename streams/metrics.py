@@ -2,7 +2,7 @@
 
 Prefix `embedworker_`, base units, `_total` for counters, and only bounded label values:
 `topic`/`partition` (bounded by the topic's partitions), `reason`, `source`, `stage`,
-`operation`, `phase` (fixed sets, listed below), and `tenant`: at most
+`operation`, `phase`, `error` (fixed sets, listed below), and `tenant`: at most
 EMBEDWORKER_TENANT_METRICS_TOP values plus `other` (`streams.tenants`).
 """
 
@@ -15,6 +15,7 @@ CACHE_HIT_SOURCES = ("redis", "batch")
 DEAD_LETTER_STAGES = ("decode", "embed")
 CACHE_OPERATIONS = ("get", "set")
 MIGRATION_PHASES = ("none", "backfill", "dual", "cutover", "rolled_back", "finished")
+COMMIT_ERRORS = ("rebalance", "unknown_topic", "unavailable", "other")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -159,6 +160,12 @@ class Metrics:
             registry=r,
         )
         self.commits = Counter("embedworker_offset_commits_total", "Successful offset commits", registry=r)
+        self.commit_failures = Counter(
+            "embedworker_offset_commit_failures_total",
+            "Offset commits the broker refused or did not answer (retried), by error: " + ", ".join(COMMIT_ERRORS),
+            ["error"],
+            registry=r,
+        )
         self.backpressure_paused = Gauge(
             "embedworker_backpressure_paused", "1 while the assigned partitions are paused", registry=r
         )

@@ -451,3 +451,5 @@ async def test_a_commit_to_a_topic_the_broker_no_longer_knows_says_the_broker_lo
     await commits.commit()
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "the broker lost its state" in errors[0] and "events" in errors[0]
+    failures = commits.metrics.registry.get_sample_value("embedworker_offset_commit_failures_total", {"error": "unknown_topic"})
+    assert failures == 2
