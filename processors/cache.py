@@ -11,7 +11,7 @@ import logging
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,12 @@ def decode_vector(raw: bytes, dim: int, dtype: str = "float32") -> np.ndarray | 
 
 _SET_MANY_SCRIPT = "for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1]) end return #KEYS"
 """SET with a TTL for every key of a batch, in one round trip and one command to pack and parse."""
+
+
+def _scripting_refused(exc: ResponseError) -> bool:
+    """The server refuses scripts as such: an ACL without @scripting, EVAL renamed or disabled."""
+    message = str(exc).lower()
+    return isinstance(exc, NoPermissionError) or "unknown command" in message or "disabled" in message
 
 
 class RedisCache:
@@ -135,11 +141,14 @@ class RedisCache:
                     return
                 except ResponseError as exc:
                     refused = exc
+                # This batch goes as SETs whatever the refusal; only a refusal of scripting itself
+                # (not BUSY, a killed script, OOM) makes it the way for good, once the SETs worked.
                 await self._set_pipelined(keys, values)
-                self._set_script = None
-                # The server's first words only: its message may quote the script.
-                log.warning("redis refused the cache's write script (%s); writing entries one SET each",
-                            " ".join(str(refused).split()[:6])[:80])
+                if _scripting_refused(refused) and self._set_script is not None:
+                    self._set_script = None
+                    # The server's first words only: its message may quote the script.
+                    log.warning("redis refused the cache's write script (%s); writing entries one SET each",
+                                " ".join(str(refused).split()[:6])[:80])
             else:
                 await self._set_pipelined(keys, values)
         except Exception as exc:

@@ -36,10 +36,17 @@ def _commit_error(exc: BrokerError) -> str:
 
 
 class Commits:
-    """Keyword-only: `consumer` (a callable: the consumer exists only once the worker runs), `tracker`, `fencing`, `metrics`."""
+    """Keyword-only: `consumer` (a callable: the consumer exists only once the worker runs), `tracker`, `fencing`,
+    `metrics`; `commit_timeout_seconds` (default 10) bounds one commit: aiokafka retries a retriable
+    error (an unknown topic, a coordinator moving) without end, and the housekeeping that updates
+    lag and notices a lost log waits on the commit."""
 
-    def __init__(self, *, consumer: Callable[[], Any], tracker: OffsetTracker, fencing: Fencing, metrics: Metrics) -> None:
+    def __init__(
+        self, *, consumer: Callable[[], Any], tracker: OffsetTracker, fencing: Fencing, metrics: Metrics,
+        commit_timeout_seconds: float = 10.0,
+    ) -> None:
         self._consumer = consumer
+        self._commit_timeout = commit_timeout_seconds
         self.tracker = tracker
         self.fencing = fencing
         self.metrics = metrics
@@ -48,7 +55,7 @@ class Commits:
         self._lock = asyncio.Lock()
         # Last commit seen per partition, kept across rebalances to notice a broker that lost its state.
         self._committed_before: dict[TopicPartition, int] = {}
-        self._reported_unknown: set[str] = set()
+        self._reported_behind: set[TopicPartition] = set()
 
     async def commit(self, tps: Iterable[TopicPartition] | None = None) -> None:
         """Commit the finished prefix of each (given) assigned partition."""
@@ -69,10 +76,15 @@ class Commits:
             if not offsets:
                 return
             try:
-                await consumer.commit(offsets)
+                async with asyncio.timeout(self._commit_timeout):
+                    await consumer.commit(offsets)
+            except TimeoutError:
+                # Only this block's own deadline: a caller's deadline arrives here as a cancellation.
+                self.metrics.commit_failures.labels(error="unavailable").inc()
+                log.warning("a commit did not complete in %.0fs (the broker is away, or no longer knows the topic); "
+                            "it will be retried", self._commit_timeout)
+                return
             except BrokerError as exc:
-                if exc.kind == "UnknownTopicOrPartitionError":
-                    self._report_unknown_topic(offsets)
                 self.metrics.commit_failures.labels(error=_commit_error(exc)).inc()
                 log.warning("commit failed (%s); it will be retried", exc.kind)
                 return
@@ -83,21 +95,24 @@ class Commits:
                 self._last_commit_at[tp] = now
             self.metrics.commits.inc()
 
-    def _report_unknown_topic(self, offsets: dict[TopicPartition, int]) -> None:
-        """A topic this member committed to before is unknown to the broker: say so once per topic.
+    def _check_log_behind(self, tp: TopicPartition, highwater: int | None, committed: int | None) -> None:
+        """A log that ends below the group's committed offset lost records: say so once.
 
-        The rejoin that would report the committed offsets going back may find no partitions
-        at all (the topic is gone until something recreates it), so this is the first sign.
+        Only the fetch highwater is trusted here (ListOffsets under-reports on some brokers). A
+        broker that restarts empty may still take the commit aiokafka kept retrying, so the
+        rejoin then reads no offset going back: this is the sign left.
         """
-        for topic in sorted({tp.topic for tp in offsets if tp in self._committed_before}):
-            if topic in self._reported_unknown:
-                continue
-            self._reported_unknown.add(topic)
-            log.error(
-                "the broker no longer knows topic %s, which this group committed to: it was deleted or the "
-                "broker lost its state (a memory-only broker restarted?); waiting for it to come back",
-                topic,
-            )
+        if highwater is None or committed is None or highwater >= committed:
+            self._reported_behind.discard(tp)
+            return
+        if tp in self._reported_behind:
+            return
+        self._reported_behind.add(tp)
+        log.error(
+            "the log of %s[%d] ends at %d, below the group's committed offset %d: the broker lost its state "
+            "(a memory-only broker restarted, an unclean leader election, a recreated topic); consuming from its start",
+            tp.topic, tp.partition, highwater, committed,
+        )
 
     async def assigned(self, assigned: list[TopicPartition]) -> None:
         """Read the group's committed offsets of new partitions, so lag is known at once."""
@@ -115,7 +130,6 @@ class Commits:
                     "state (a memory-only broker restarted?); consuming from there",
                     tp.topic, tp.partition, previous, committed,
                 )
-            self._reported_unknown.discard(tp.topic)
             if committed is not None:
                 self.tracker.set_committed(tp, committed)
             # Without a committed offset the group starts at the log's beginning; the first
@@ -148,6 +162,7 @@ class Commits:
             highwater = consumer.highwater(tp)
             log_end = max(highwater or 0, ends.get(tp) or 0) if (highwater is not None or tp in ends) else None
             committed = self.tracker.committed(tp)
+            self._check_log_behind(tp, highwater, committed)
             if log_end is None or committed is None:
                 continue
             lag = max(0, log_end - committed)

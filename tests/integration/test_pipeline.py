@@ -158,8 +158,10 @@ async def test_redis_outage_degrades_to_no_cache(embedder, sink, services):
 async def test_cache_writes_expire_and_a_redis_refusing_scripts_still_gets_them(services, caplog):
     """A batch's entries go in one script call, each with the TTL; a user whose ACL refuses
     scripting (managed Redis often does) gets the same entries as a pipeline of SETs."""
-    import redis.asyncio as redis
+    import asyncio
     from urllib.parse import urlsplit
+
+    import redis.asyncio as redis
 
     vectors = np.eye(4, 8, dtype=np.float32)
     cache = RedisCache(url=services.redis_url, prefix=f"test:{unique('script')}:", ttl_seconds=600)
@@ -175,7 +177,7 @@ async def test_cache_writes_expire_and_a_redis_refusing_scripts_still_gets_them(
     try:
         url = urlsplit(services.redis_url)
         limited = RedisCache(url=f"redis://{user}:x@{url.hostname}:{url.port}{url.path}", prefix=f"test:{unique('pipe')}:", ttl_seconds=600)
-        await limited.set_many([(f"h{i}", vectors[i]) for i in range(2)])
+        await asyncio.gather(*(limited.set_many([(f"h{i}", vectors[i])]) for i in range(2)))  # concurrent batches
         await limited.set_many([("h2", vectors[2])])
         got = await limited.get_many(["h0", "h1", "h2"], 8)
         assert all(np.array_equal(got[i], vectors[i]) for i in range(3))

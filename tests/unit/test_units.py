@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 
@@ -417,7 +418,7 @@ class _CommitRefusingConsumer:
     """The consumer side of `Commits`, answering each commit with the broker's error (no I/O to fake)."""
 
     def __init__(self, tp: TopicPartition) -> None:
-        self.tp, self.error = tp, None
+        self.tp, self.error, self.log_end = tp, None, None
 
     def assignment(self) -> set:
         return {self.tp}
@@ -426,30 +427,64 @@ class _CommitRefusingConsumer:
         raise BrokerError("no position", kind="NotAssigned")
 
     async def commit(self, offsets: dict) -> None:
+        if self.error == "never":
+            await asyncio.Event().wait()  # aiokafka retrying a retriable error without end
         if self.error is not None:
             raise self.error
 
+    async def end_offsets(self, partitions: list) -> dict:
+        return {}
 
-async def test_a_commit_to_a_topic_the_broker_no_longer_knows_says_the_broker_lost_its_state(caplog):
-    """A memory-only broker restarted: the first sign is a commit refused with an unknown topic
-    (the rejoin that would show the committed offsets going back may find no partitions yet)."""
-    tp = TopicPartition("events", 0)
-    consumer = _CommitRefusingConsumer(tp)
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.log_end
+
+
+def _commits_with_finished(consumer: _CommitRefusingConsumer, count: int, **options) -> Commits:
     tracker, fencing = OffsetTracker(), Fencing()
-    fencing.assign([tp])
-    commits = Commits(consumer=lambda: consumer, tracker=tracker, fencing=fencing, metrics=Metrics(CollectorRegistry()))
-    tracker.set_committed(tp, 0)
-    for offset in range(2):
-        tracker.register(tp, offset, timestamp=offset)
-        tracker.finish(tp, offset)
+    fencing.assign([consumer.tp])
+    commits = Commits(consumer=lambda: consumer, tracker=tracker, fencing=fencing, metrics=Metrics(CollectorRegistry()), **options)
+    tracker.set_committed(consumer.tp, 0)
+    for offset in range(count):
+        tracker.register(consumer.tp, offset, timestamp=offset)
+        tracker.finish(consumer.tp, offset)
+    return commits
+
+
+async def test_a_commit_that_never_completes_is_given_up_and_counted():
+    """aiokafka retries a retriable commit error (an unknown topic) without end: the commit, and
+    the housekeeping behind it (lag, the lost-log check), must not wait for ever."""
+    consumer = _CommitRefusingConsumer(TopicPartition("events", 0))
+    consumer.error = "never"
+    commits = _commits_with_finished(consumer, 3, commit_timeout_seconds=0.05)
+    async with asyncio.timeout(5):
+        await commits.commit()
+    assert commits.metrics.registry.get_sample_value("embedworker_offset_commit_failures_total", {"error": "unavailable"}) == 1
+    assert commits.tracker.to_commit() == {consumer.tp: 3}  # still to commit: retried next time
+
+
+async def test_a_log_ending_below_the_committed_offset_says_the_broker_lost_its_state(caplog):
+    """A broker that restarted empty may still take the commit aiokafka kept retrying: the rejoin then
+    reads no offset going back, and the fetch highwater below the commit is the sign left."""
+    consumer = _CommitRefusingConsumer(TopicPartition("events", 0))
+    commits = _commits_with_finished(consumer, 20)
     await commits.commit()
+    consumer.log_end = 20
+    await commits.update_lag(timeout=1)
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
-    tracker.register(tp, 2, timestamp=2)
-    tracker.finish(tp, 2)
-    consumer.error = BrokerError("unknown", kind="UnknownTopicOrPartitionError")
-    await commits.commit()
-    await commits.commit()
+    consumer.log_end = 0
+    await commits.update_lag(timeout=1)
+    await commits.update_lag(timeout=1)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and "the broker lost its state" in errors[0] and "events" in errors[0]
-    failures = commits.metrics.registry.get_sample_value("embedworker_offset_commit_failures_total", {"error": "unknown_topic"})
-    assert failures == 2
+    assert len(errors) == 1 and "the broker lost its state" in errors[0] and "ends at 0" in errors[0]
+
+
+def test_only_a_refusal_of_scripting_itself_turns_cache_writes_to_sets_for_good():
+    from redis.exceptions import NoPermissionError, ResponseError
+
+    from processors.cache import _scripting_refused
+
+    assert _scripting_refused(NoPermissionError("this user has no permissions to run the 'evalsha' command"))
+    assert _scripting_refused(ResponseError("ERR unknown command 'EVALSHA', with args beginning with: "))
+    assert not _scripting_refused(ResponseError("BUSY Redis is busy running a script."))
+    assert not _scripting_refused(ResponseError("OOM command not allowed when used memory > 'maxmemory'."))
+    assert not _scripting_refused(ResponseError("READONLY You can't write against a read only replica."))
