@@ -60,6 +60,7 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     assert run["encode_rate"] > 0 and run["passthrough_rate"] > 0 and run["worker_rate"] > 0
     assert {"worker_over_encode", "worker_over_passthrough"} <= set(overhead["ratios"])
     assert run["model_cpu_ms_per_message"] > 0 and "MainThread" in run["thread_cores"]
+    assert run["one_torch_thread"]["worker_rate"] > 0 and run["worker_over_encode_one_thread"] > 0
     assert (out / "overhead.png").stat().st_size > 0
 
     # Recall numbers are not checked either (48 distractors make the task easy); what was stored and measured is.
@@ -77,7 +78,7 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
 
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["scenarios"]) == {"ceiling", "pipeline", "overhead", "recall"}
-    assert summary["targets_total"] == 7
+    assert summary["targets_total"] == 8
     table = (out / "README-table.md").read_text()
     assert table.count("\n|") >= 6 and "pipeline, short" in table
     assert "targets passed" in proc.stdout
