@@ -12,7 +12,8 @@ Each figure is measured beside its baseline in the same run, and reported as a r
   vectors as the bundled model's), with payload-only writes on against the same stream with
   them off (every update writes its vector), on both engines;
 - cache writes: client time per key of one script call per batch of 256 against the pipeline of
-  SETs it falls back to (Redis at REDIS_URL, else a throwaway redis-server);
+  SETs it falls back to, and cache reads (MGET of 256) with hiredis against redis-py's Python reply
+  parser (Redis at REDIS_URL, else a throwaway redis-server);
 - qdrant-edge points: `Point(id, vector, payload)` with the worker's payload against none, and
   the cost of one payload value by type (what the binding's conversion charges).
 
@@ -47,6 +48,7 @@ def per_call_us(function: Callable[[], Any], calls: int) -> float:
 
 def decode_costs(calls: int) -> dict[str, Any]:
     from schemas import InvalidEvent
+    from schemas.events import DEFAULT_LIMITS, _depth
     from schemas.mapping import Mapping, decode_record, parse_mapping
 
     native = orjson.dumps({"id": "kb-17", "text": "Reset a password. Open settings and choose security.", "metadata": {"lang": "en"}})
@@ -68,7 +70,10 @@ def decode_costs(calls: int) -> dict[str, Any]:
         return call
 
     base = per_call_us(lambda: decode_record(native, None, (), Mapping()), calls)
+    metadata = orjson.loads(native)["metadata"]
     costs = {
+        # What the bracket-count precheck spares a native event with flat metadata (the walk it skips).
+        "depth_walk_skipped_us": per_call_us(lambda: _depth(metadata, DEFAULT_LIMITS.max_depth - 1), calls),
         "native_us": base,
         "mapped_flat_us": per_call_us(lambda: decode_record(flat, None, (), flat_mapping), calls),
         "debezium_us": per_call_us(lambda: decode_record(debezium, b'{"id": 42}', (), debezium_mapping), calls),
@@ -208,7 +213,32 @@ async def cache_write_costs(batches: int, batch: int) -> dict[str, Any]:
             local.close()
     script, pipeline = statistics.median(script_us), statistics.median(pipeline_us)
     return {"batch": batch, "batches": batches, "script_us_per_key": script, "pipeline_us_per_key": pipeline,
-            "ratio": script / pipeline}
+            "ratio": script / pipeline, **await _cache_read_costs(url, batches, batch)}
+
+
+async def _cache_read_costs(url: str, batches: int, batch: int) -> dict[str, Any]:
+    """Client time per key of a batch's MGET: redis-py's reply parser in C (hiredis, installed) against its Python one."""
+    import redis.asyncio as redis
+    from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser
+
+    prefix = f"embedworker:bench-read-{time.time_ns()}:"
+    keys = [f"{prefix}{i}" for i in range(batch)]
+    times: dict[str, list[float]] = {"hiredis": [], "python": []}
+    clients = {"hiredis": redis.Redis.from_url(url, parser_class=_AsyncHiredisParser),
+               "python": redis.Redis.from_url(url, parser_class=_AsyncRESP2Parser)}
+    try:
+        await clients["python"].mset({key: bytes(1536) for key in keys})  # 384 float32s a value
+        for _ in range(batches):
+            for name, client in clients.items():
+                started = time.perf_counter()
+                await client.mget(keys)
+                times[name].append((time.perf_counter() - started) / batch * 1e6)
+        await clients["python"].delete(*keys)
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    hiredis, python = statistics.median(times["hiredis"]), statistics.median(times["python"])
+    return {"read_hiredis_us_per_key": hiredis, "read_python_parser_us_per_key": python, "read_ratio": hiredis / python}
 
 
 def edge_point_costs(points: int) -> dict[str, Any]:
@@ -260,6 +290,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         bars[f"guard ({kind})"] = result["version_guard"][kind]["ratio"]
         bars[f"metadata-only ({kind})"] = result["metadata_only"][kind]["ratio"]
     bars["cache write: script / pipeline"] = result["cache_writes"]["ratio"]
+    bars["cache read: hiredis / Python parser"] = result["cache_writes"]["read_ratio"]
     bars["edge point: worker payload / none"] = result["edge_points"]["worker_payload_ratio"]
     figure, axes = plt.subplots(figsize=(8, 0.45 * len(bars) + 1.2))
     axes.barh(list(bars), list(bars.values()), color="#4878a8")
