@@ -8,7 +8,9 @@ Whatever thread calls it, the model is loaded and run on the process's one torch
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import heapq
 import logging
 import os
 from dataclasses import dataclass, field
@@ -145,20 +147,36 @@ def plan_sub_batches(
     (about 10 ms of a forward pass on a CPU). The cheapest cut is found by dynamic
     programming, under the limits of `token_budget` padded tokens and `max_batch` texts
     per pass. Without this, one long text pads a whole batch of short ones.
+
+    Only two kinds of cut need trying (so a batch costs a few hundred steps, not
+    `len * max_batch`): where the token count changes, and where a run can grow no more.
+    A cut between two texts of equal count can move one text later at no loss (the run
+    before pays that count, the run after pays at least as much less) until the run before
+    is full, so some cheapest plan cuts only there.
     """
     order = sorted(range(len(token_counts)), key=lambda i: token_counts[i])
     lengths = [max(1, token_counts[i]) for i in order]
     n = len(lengths)
-    best = [0.0] + [float("inf")] * n  # best[j]: cheapest plan of the first j texts
-    cut = [0] * (n + 1)
-    for end in range(1, n + 1):
-        longest = lengths[end - 1]  # sorted: the run's last text is its longest
-        for start in range(end - 1, max(-1, end - 1 - max_batch), -1):
-            size = end - start
-            if size > 1 and longest * size > token_budget:
-                break
-            cost = best[start] + call_overhead_tokens + longest * size
-            if cost < best[end]:
+    if not n:
+        return []
+    boundaries = [i for i in range(1, n) if lengths[i] != lengths[i - 1]] + [n]
+    best: dict[int, float] = {0: 0.0}
+    cut: dict[int, int] = {}
+    pending = [0]
+    while pending:
+        start = heapq.heappop(pending)
+        if start == n:
+            break
+        base = best[start] + call_overhead_tokens
+        full = _longest_run_end(lengths, start, token_budget, max_batch)
+        ends = boundaries[bisect.bisect_right(boundaries, start):bisect.bisect_right(boundaries, full)]
+        if not ends or ends[-1] != full:
+            ends.append(full)
+        for end in ends:
+            cost = base + lengths[end - 1] * (end - start)
+            if cost < best.get(end, float("inf")):
+                if end not in best:
+                    heapq.heappush(pending, end)
                 best[end], cut[end] = cost, start
     batches: list[list[int]] = []
     end = n
@@ -168,6 +186,18 @@ def plan_sub_batches(
         end = start
     batches.reverse()
     return batches
+
+
+def _longest_run_end(lengths: Sequence[int], start: int, token_budget: int, max_batch: int) -> int:
+    """The furthest end of a run from `start` within the limits (one text always fits)."""
+    low, high = start + 1, min(len(lengths), start + max_batch)
+    while low < high:  # lengths are sorted, so whether a run fits only gets worse as it grows
+        middle = (low + high + 1) // 2
+        if lengths[middle - 1] * (middle - start) <= token_budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 class DirectTokenizer:

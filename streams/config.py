@@ -293,6 +293,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("buffer_max_messages", 5000, _int_in(1, 10_000_000, "messages"), "Pause when this many messages are buffered"),
     Option("buffer_max_bytes", 64 * _MIB, _int_in(_MIB, 64 * _GIB, "bytes"), "Pause when this many bytes are buffered"),
     Option("memory_budget_bytes", 0, _int_in(64 * _MIB, 4 * _TIB, "bytes", off=True), "Pause when RSS reaches 90% of this"),
+    Option("gc_young_threshold", 10_000, _int_in(700, 10_000_000, "allocations", off=True),
+           "While running: the startup heap frozen out of Python's collector, young collections every this many allocations (0: the collector as it is)"),
     Option("fetch_max_records", 500, _int_in(1, 100_000, "records"), "Most records per fetch call"),
     Option("fetch_max_wait_ms", 10, _int_in(1, 10_000, "ms"), "Longest a fetch waits at the broker for data (a latency floor on brokers that hold it)"),
     Option("max_message_bytes", 1_000_000, _int_in(_KIB, _MESSAGE_BYTES, "bytes"), "Largest input message accepted"),
@@ -384,6 +386,7 @@ class Settings:
     buffer_max_messages: int
     buffer_max_bytes: int
     memory_budget_bytes: int
+    gc_young_threshold: int
     fetch_max_records: int
     torch_threads: int
     processes: int

@@ -28,7 +28,9 @@ class OffsetTracker:
 
     def register(self, tp: Hashable, offset: int, timestamp: float = 0.0) -> bool:
         """Track a fetched message; False when it is already tracked or finished (a re-fetch)."""
-        part = self._partitions.setdefault(tp, _Partition())
+        part = self._partitions.get(tp)
+        if part is None:
+            part = self._partitions[tp] = _Partition()
         if part.committed is not None and offset < part.committed and not part.pending:
             # The log went backwards (a broker that lost its data): start this partition over.
             part = self._partitions[tp] = _Partition()

@@ -21,6 +21,7 @@ result topic, so writes and results follow offset order whichever batch finishes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, Iterable
@@ -39,6 +40,7 @@ from streams.config import ConfigError, Settings
 from streams.dead_letter_gate import DeadLetterGate
 from streams.fencing import Fencing
 from streams.allocator import tune_allocator
+from streams.collector import steady_collector
 from streams.metrics import Metrics
 from streams.offsets import OffsetTracker
 from streams.steps import Fetched
@@ -246,7 +248,8 @@ class Worker:
             housekeeping = asyncio.create_task(self._housekeeping_loop(), name="housekeeping")
             self._started.set()
             try:
-                await self._fetch_loop()
+                with steady_collector(s.gc_young_threshold) if s.gc_young_threshold else contextlib.nullcontext():
+                    await self._fetch_loop()
             finally:
                 housekeeping.cancel()
                 await asyncio.gather(housekeeping, return_exceptions=True)

@@ -161,6 +161,33 @@ def test_sub_batches_keep_long_texts_away_from_short_ones():
         assert len(lengths) == 1, "a long text would pad the short ones"
 
 
+def _exhaustive_plan_cost(counts: list[int], token_budget: int, max_batch: int, overhead: int) -> float:
+    """Every cut tried (the planner before it skipped cuts between equal counts): the cheapest cost."""
+    lengths = sorted(max(1, c) for c in counts)
+    best = [0.0] + [float("inf")] * len(lengths)
+    for end in range(1, len(lengths) + 1):
+        for start in range(end - 1, max(-1, end - 1 - max_batch), -1):
+            if end - start > 1 and lengths[end - 1] * (end - start) > token_budget:
+                break
+            best[end] = min(best[end], best[start] + overhead + lengths[end - 1] * (end - start))
+    return best[-1]
+
+
+def test_sub_batches_cost_what_trying_every_cut_costs():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(400):
+        counts = [rng.choice([rng.randint(0, 20), rng.randint(1, 512)]) for _ in range(rng.randint(0, 200))]
+        budget, max_batch, overhead = rng.choice([64, 2048, 8192]), rng.choice([1, 7, 32, 128]), rng.choice([0, 48, 500])
+        plan = plan_sub_batches(counts, token_budget=budget, max_batch=max_batch, call_overhead_tokens=overhead)
+        assert sorted(i for batch in plan for i in batch) == list(range(len(counts)))
+        longest = [max(max(1, counts[i]) for i in batch) for batch in plan]
+        assert all(len(b) <= max_batch and (len(b) == 1 or top * len(b) <= budget) for b, top in zip(plan, longest))
+        cost = sum(overhead + top * len(b) for b, top in zip(plan, longest))
+        assert cost == _exhaustive_plan_cost(counts, budget, max_batch, overhead)
+
+
 def test_token_estimate_grows_with_length():
     assert estimate_tokens("a" * 400) > estimate_tokens("a" * 40) > 0
 
