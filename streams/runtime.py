@@ -283,8 +283,8 @@ class Worker:
             )
             caught_up = bool(records)
             for tp, messages in records.items():
-                for message in messages:
-                    self._accept(tp, message)
+                self.observer.on_consumed()
+                self.telemetry.consumed(sum(self._accept(tp, message) for message in messages))
                 highwater = consumer.highwater(tp)
                 if highwater is None or (messages[-1].offset + 1 < highwater and not await self._at_end(tp, highwater)):
                     caught_up = False
@@ -299,8 +299,8 @@ class Worker:
         except BrokerError:
             return False
 
-    def _accept(self, tp: TopicPartition, message: Any) -> None:
-        self.observer.on_consumed()
+    def _accept(self, tp: TopicPartition, message: Any) -> bool:
+        """Register and hand on one fetched message; False for one already in flight (re-fetched after a seek)."""
         timestamp = message.timestamp / 1000 if message.timestamp and message.timestamp > 0 else time.time()
         committed = self.tracker.committed(tp)
         if committed is not None and message.offset < committed and self.tracker.pending_count(tp) == 0:
@@ -311,7 +311,7 @@ class Worker:
         if committed is None:
             self.tracker.set_committed(tp, message.offset)
         if not self.tracker.register(tp, message.offset, timestamp):
-            return  # already in flight here (re-fetched after a seek)
+            return False
         headers: tuple[tuple[str, bytes], ...] = ()
         if message.headers:
             headers, dropped = copied_headers(message.headers, self._pass_headers, replay_header=REPLAY_COUNT_HEADER)
@@ -321,8 +321,8 @@ class Worker:
         size = len(message.value or b"") + len(message.key or b"") + headers_size(headers)
         item = Fetched(tp, message.offset, timestamp, message.key, message.value, size, self.fencing.epoch(tp), headers=headers)
         self.finish.admit(item)
-        self.telemetry.consumed()
         self.decode.submit(item)
+        return True
 
     def _fail(self, exc: BaseException | None) -> None:
         if isinstance(exc, WorkerError):

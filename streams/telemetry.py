@@ -48,6 +48,7 @@ class WorkerObserver:
 
     on_fetch_round: Callable[[], None] = lambda: None
     on_consumed: Callable[[], None] = lambda: None
+    """A partition's fetched messages are about to enter the steps (once per partition and fetch)."""
     on_batch_done: Callable[[int], None] = lambda messages: None
     on_published: Callable[[list[tuple[TopicPartition, int]]], None] = lambda positions: None
     """Results acknowledged by the broker: (partition, offset) of each input message."""
@@ -91,10 +92,10 @@ class Telemetry:
         self.metrics.cache_hits.labels(source="batch").inc(batch_hits)
         self.metrics.cache_misses.inc(misses)
 
-    def consumed(self) -> None:
-        """A message registered (not a re-fetched one already in flight)."""
-        self.stats.consumed += 1
-        self.metrics.messages_consumed.inc()
+    def consumed(self, count: int) -> None:
+        """Messages registered (not re-fetched ones already in flight), a fetched partition batch at a time."""
+        self.stats.consumed += count
+        self.metrics.messages_consumed.inc(count)
 
     def batch_launched(self, batch: list[Fetched], in_flight: int) -> None:
         self.metrics.batch_size.observe(len(batch))
