@@ -15,7 +15,9 @@ Each figure is measured beside its baseline in the same run, and reported as a r
   SETs it falls back to, and cache reads (MGET of 256) with hiredis against redis-py's Python reply
   parser (Redis at REDIS_URL, else a throwaway redis-server);
 - qdrant-edge points: `Point(id, vector, payload)` with the worker's payload against none, and
-  the cost of one payload value by type (what the binding's conversion charges).
+  the cost of one payload value by type (what the binding's conversion charges); and the CPU a
+  point costs while another thread runs Python, against alone (each failed conversion try lets
+  the GIL go).
 
 Writes <out>/host_costs.json and host_costs.png (default bench/results/tmp/) and prints the JSON. Numbers are this
 machine's; the ratios are what to compare.
@@ -269,7 +271,42 @@ def edge_point_costs(points: int) -> dict[str, Any]:
     for kind, value in (("bool", True), ("int", 7), ("float", 0.5), ("str", "en"), ("dict", {})):
         result[f"one_{kind}_value_us"] = min(cost({"k": value}) for _ in range(3)) - base
     result["worker_payload_ratio"] = result["worker_payload_us"] / base
+    result.update(_beside_python_thread(ids[:256], vector, worker_payload))
     return result
+
+
+def _beside_python_thread(ids: list[str], vector: list[float], payload: dict[str, Any]) -> dict[str, Any]:
+    """CPU and wall time a point (worker payload) costs alone and while another thread runs Python.
+
+    Each failed try of the binding raises an error that pyo3 normalizes with the GIL released,
+    so a thread that wants the GIL takes it then, and the builder waits for it back (up to the
+    switch interval): in the worker, the event loop is that other thread."""
+    import threading
+
+    import qdrant_edge as qe
+
+    def build() -> tuple[float, float]:
+        cpu, wall = time.thread_time(), time.perf_counter()
+        for point_id in ids:
+            qe.Point(point_id, vector, payload)
+        return (time.thread_time() - cpu) / len(ids) * 1e6, (time.perf_counter() - wall) / len(ids) * 1e6
+
+    alone = min(build() for _ in range(3))
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(100))
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        beside = build()
+    finally:
+        stop.set()
+        spinner.join()
+    return {"alone_cpu_us": alone[0], "beside_python_cpu_us": beside[0], "beside_python_wall_us": beside[1],
+            "beside_python_cpu_ratio": beside[0] / alone[0]}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -292,6 +329,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bars["cache write: script / pipeline"] = result["cache_writes"]["ratio"]
     bars["cache read: hiredis / Python parser"] = result["cache_writes"]["read_ratio"]
     bars["edge point: worker payload / none"] = result["edge_points"]["worker_payload_ratio"]
+    bars["edge point: CPU beside a Python thread / alone"] = result["edge_points"]["beside_python_cpu_ratio"]
     figure, axes = plt.subplots(figsize=(8, 0.45 * len(bars) + 1.2))
     axes.barh(list(bars), list(bars.values()), color="#4878a8")
     axes.axvline(1.0, color="black", linewidth=0.8)
