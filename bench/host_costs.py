@@ -17,7 +17,9 @@ Each figure is measured beside its baseline in the same run, and reported as a r
 - qdrant-edge points: `Point(id, vector, payload)` with the worker's payload against none, and
   the cost of one payload value by type (what the binding's conversion charges); and the CPU a
   point costs while another thread runs Python, against alone (each failed conversion try lets
-  the GIL go).
+  the GIL go);
+- qdrant-client points: the request of a batch as one `PointStruct` a point against one `Batch`
+  (what `QdrantSink` sends to a server).
 
 Writes <out>/host_costs.json and host_costs.png (default bench/results/tmp/) and prints the JSON. Numbers are this
 machine's; the ratios are what to compare.
@@ -309,6 +311,38 @@ def _beside_python_thread(ids: list[str], vector: list[float], payload: dict[str
             "beside_python_cpu_ratio": beside[0] / alone[0]}
 
 
+def client_point_costs(points: int = 256, rounds: int = 10) -> dict[str, Any]:
+    """qdrant-client's request for a batch of the worker's points (384 floats and its payload each),
+    built and validated: one `PointStruct` a point (the sink before) against one `Batch` of
+    ids, vectors and payloads (`QdrantSink` now); per point, best of three."""
+    import uuid
+
+    import numpy as np
+    from qdrant_client import models
+
+    vectors = np.random.default_rng(0).random((points, 384), dtype=np.float32)
+    ids = [str(uuid.UUID(int=i)) for i in range(points)]
+    payloads = [{
+        "id": f"kb-{i}", "chunk_index": 0, "chunk_count": 1, "chunk_start": 0, "chunk_end": 52, "metadata": {"lang": "en"},
+        "content_hash": "9f" * 32, "model": "all-MiniLM-L6-v2", "truncated": False,
+        "text": "Reset a password. Open settings and choose security.",
+    } for i in range(points)]
+
+    def per_point(build: Any) -> float:
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            for _ in range(rounds):
+                build()
+            best = min(best, (time.perf_counter() - started) / rounds / points * 1e6)
+        return best
+
+    structs = per_point(lambda: models.PointsList(points=[
+        models.PointStruct(id=ids[i], vector=vectors[i].tolist(), payload=payloads[i]) for i in range(points)]))
+    batch = per_point(lambda: models.PointsBatch(batch=models.Batch(ids=ids, vectors=vectors.tolist(), payloads=payloads)))
+    return {"points": points, "point_structs_us": structs, "batch_us": batch, "ratio": batch / structs}
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """One bar per measured ratio (each against its same-run baseline, drawn at 1.0)."""
     try:
@@ -330,6 +364,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bars["cache read: hiredis / Python parser"] = result["cache_writes"]["read_ratio"]
     bars["edge point: worker payload / none"] = result["edge_points"]["worker_payload_ratio"]
     bars["edge point: CPU beside a Python thread / alone"] = result["edge_points"]["beside_python_cpu_ratio"]
+    bars["qdrant-client request: Batch / PointStructs"] = result["client_points"]["ratio"]
     figure, axes = plt.subplots(figsize=(8, 0.45 * len(bars) + 1.2))
     axes.barh(list(bars), list(bars.values()), color="#4878a8")
     axes.axvline(1.0, color="black", linewidth=0.8)
@@ -350,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = {"decode": decode_costs(args.calls), "version_guard": asyncio.run(guard_costs(args.rounds, 256)),
               "metadata_only": asyncio.run(metadata_only_costs(3 * args.rounds, 256)),
-              "cache_writes": asyncio.run(cache_write_costs(3 * args.rounds, 256)), "edge_points": edge_point_costs(max(1_000, args.calls // 2))}
+              "cache_writes": asyncio.run(cache_write_costs(3 * args.rounds, 256)), "edge_points": edge_point_costs(max(1_000, args.calls // 2)),
+              "client_points": client_point_costs(rounds=max(1, min(10, args.calls // 1_000)))}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host_costs.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     plot(result, args.out / "host_costs.png")

@@ -99,4 +99,5 @@ def test_host_costs_writes_its_figures_with_their_baselines(tmp_path):
     assert result["cache_writes"]["ratio"] > 0 and result["cache_writes"]["batches"] == 3
     assert result["edge_points"]["worker_payload_us"] > result["edge_points"]["no_payload_us"] > 0
     assert result["edge_points"]["beside_python_cpu_us"] > 0 and result["edge_points"]["beside_python_cpu_ratio"] > 0
+    assert result["client_points"]["batch_us"] > 0 and result["client_points"]["ratio"] > 0
     assert (tmp_path / "host_costs.png").stat().st_size > 0
