@@ -25,6 +25,12 @@ log = logging.getLogger("streams.runtime")
 _TRIM_INTERVAL_SECONDS = 0.2
 _LOGGED_PAUSE_SECONDS = 1.0
 """Pauses shorter than this are counted but logged at DEBUG: a fast pipeline pauses often and briefly."""
+SHORTEST_PAUSE_SECONDS = 0.25
+"""The in-flight band is as wide as the batches the pipeline finishes in this long (measured), so
+that at full speed a pause lasts about this long instead of one batch: fewer pause/resume
+flips, and each one makes aiokafka drop what it had fetched ahead for the paused partitions."""
+_BATCH_GAP_WEIGHT = 0.2
+"""Weight of the newest gap between finished batches in their moving average."""
 
 
 class Backpressure:
@@ -38,6 +44,12 @@ class Backpressure:
             in_flight_batches=Watermarks(high=2 * depth, low=depth),
             memory_bytes=Watermarks(high=0.9 * budget, low=0.8 * budget) if budget else None,
         )
+        self._depth = depth
+        # The band never reads ahead past most of the message buffer: that cap pauses on its own.
+        self._widest_band = max(0, int(0.8 * settings.buffer_max_messages / settings.batch_max_messages) - 2 * depth)
+        self._last_batch_at: float | None = None
+        self.batch_gap_seconds: float | None = None
+        """Moving average of the time between finished batches (None until two have finished)."""
         self.metrics = metrics
         self.stats = stats
         self.sink_healthy = True
@@ -47,6 +59,17 @@ class Backpressure:
         self._pause_logged = False
         self._next_trim_at = 0.0
         self._process = psutil.Process()
+
+    def batch_finished(self, now: float | None = None) -> None:
+        """A batch left the pipeline: the rate of those sizes the in-flight band (`SHORTEST_PAUSE_SECONDS`)."""
+        now = time.monotonic() if now is None else now
+        if self._last_batch_at is not None:
+            gap = max(now - self._last_batch_at, 1e-6)
+            average = self.batch_gap_seconds
+            self.batch_gap_seconds = gap if average is None else average + _BATCH_GAP_WEIGHT * (gap - average)
+        self._last_batch_at = now
+        extra = min(self._widest_band, int(SHORTEST_PAUSE_SECONDS / self.batch_gap_seconds)) if self.batch_gap_seconds else 0
+        self.flow.set_marks("in_flight_batches", Watermarks(high=2 * self._depth + extra, low=self._depth))
 
     def sample_rss(self) -> int:
         self.rss = self._process.memory_info().rss

@@ -52,6 +52,15 @@ class FlowController:
         }
         self.active: set[str] = set()
 
+    def set_marks(self, reason: str, marks: Watermarks) -> None:
+        """Move one signal's marks (an active signal stays active until it falls to the new low mark)."""
+        if reason not in self._marks or self._marks[reason] is None:
+            raise KeyError(reason)
+        self._marks[reason] = marks
+
+    def marks(self, reason: str) -> Watermarks | None:
+        return self._marks[reason]
+
     @property
     def watches_memory(self) -> bool:
         return self._marks["memory"] is not None

@@ -133,7 +133,7 @@ class Worker:
             settings, pipeline=pipeline, tracker=self.tracker, producer=lambda: self._producer, tracing=self.tracing,
             hooks=ChainHooks(
                 live=self.live, admit_dead_letter=self.gate.admit, on_valid=self.gate.record_valid,
-                on_key_mismatch=t.key_mismatch, on_batch=t.batch_launched, on_batch_done=t.batch_done,
+                on_key_mismatch=t.key_mismatch, on_batch=t.batch_launched, on_batch_done=self._batch_done,
                 on_results=t.results, on_dead_letters=t.dead_letters,
                 on_publish_error=lambda kind, error: self.metrics.publish_errors.labels(kind=kind, error=error).inc(),
                 on_error=self._fail, tokens=self._tokens,
@@ -159,6 +159,10 @@ class Worker:
             # Pause or resume now, not at the next fetch round (up to 100 ms later): the
             # consumer resumes the moment the store is back, and `flow` tells the truth.
             self._apply_flow()
+
+    def _batch_done(self, batch: list[Fetched], seconds: float) -> None:
+        self.telemetry.batch_done(batch, seconds)
+        self.backpressure.batch_finished()
 
     def _apply_flow(self) -> None:
         if self._consumer is None:

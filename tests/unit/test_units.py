@@ -383,6 +383,32 @@ def test_memory_pause_releases_once_nothing_is_buffered():
     assert flow.update(_signals(rss_bytes=950, buffered_messages=0)) == set()
 
 
+def test_the_in_flight_band_widens_with_the_batch_rate_and_stops_short_of_the_message_buffer():
+    from streams.backpressure import SHORTEST_PAUSE_SECONDS, Backpressure
+    from streams.telemetry import RunStats
+
+    settings = load_settings({"max_in_flight_batches": 3, "batch_max_messages": 256, "buffer_max_messages": 5000}, environ={})
+    pressure = Backpressure(settings, metrics=Metrics(CollectorRegistry()), stats=RunStats())
+    marks = lambda: pressure.flow.marks("in_flight_batches")  # noqa: E731
+    assert (marks().high, marks().low) == (6, 3)
+    for n in range(20):  # a batch every 62.5 ms: four batches in the shortest pause of 0.25 s
+        pressure.batch_finished(now=n * 0.0625)
+    assert SHORTEST_PAUSE_SECONDS == 0.25 and (marks().high, marks().low) == (6 + 4, 3)
+    for n in range(40):  # a batch a second: one pipeline's depth is band enough
+        pressure.batch_finished(now=10 + n)
+    assert marks().high == 6
+    for n in range(40):  # very fast: capped at 80% of the message buffer (15 batches of 256, less 6)
+        pressure.batch_finished(now=100 + n * 0.001)
+    assert marks().high == 6 + 9
+
+    # The wider band holds a pause until the closed batches drain to one pipeline's depth.
+    flow = pressure.flow
+    assert flow.update(_signals(in_flight_batches=14)) == set()
+    assert flow.update(_signals(in_flight_batches=15)) == {"in_flight_batches"}
+    assert flow.update(_signals(in_flight_batches=4)) == {"in_flight_batches"}
+    assert flow.update(_signals(in_flight_batches=3)) == set()
+
+
 def test_dead_letter_payload_is_capped_with_its_size_and_hash():
     import hashlib
 
