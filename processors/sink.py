@@ -709,7 +709,8 @@ class QdrantSink(ThreadedStore):
 
         One `Batch` of ids, vectors and payloads is one model to build and validate instead of a
         `PointStruct` a point, and leaves no object a point behind for the collector
-        (`python -m bench.host_costs`, `client_points`). REST and gRPC both take it."""
+        (`python -m bench.host_costs`, `client_points`). REST sends it as it is; over gRPC
+        qdrant-client converts it a point at a time itself, as it did the list."""
         from qdrant_client import models
 
         vectors = engine_vectors(points, self._bm25, models.SparseVector)
