@@ -156,6 +156,36 @@ def trim_memory() -> None:
         pass
 
 
+class GcTime:
+    """Python's garbage collections over an interval: how many, and the seconds they took, by generation."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+
+    def __enter__(self) -> "GcTime":
+        self._started: dict[int, float] = {}
+        gc.callbacks.append(self._callback)
+        return self
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started[threading.get_ident()] = time.perf_counter()
+            return
+        started = self._started.pop(threading.get_ident(), None)
+        if started is not None:
+            generation = info["generation"]
+            self.collections[generation] += 1
+            self.seconds[generation] += time.perf_counter() - started
+
+    def __exit__(self, *exc: object) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"collections_by_generation": self.collections, "seconds_by_generation": [round(s, 4) for s in self.seconds]}
+
+
 class ThreadCpu:
     """Cores each of this process's threads used over an interval (`/proc/self/task`), by thread name.
 
@@ -660,17 +690,19 @@ async def run_worker_backlog(
     load_before = load_average()
     native_before = native_threads()
     task = asyncio.create_task(worker.run(), name="bench-worker")
-    cpu = CpuMeter()
+    cpu, collections = CpuMeter(), GcTime()
     try:
         done_wait = asyncio.create_task(probe.done.wait())
         while probe.first_consumed_at is None and not task.done():
             await asyncio.sleep(0.002)  # only to start the CPU meter near the first fetch
         cpu.__enter__()
         threads = ThreadCpu().__enter__()
+        collections.__enter__()
         profiler = PySpy.start(profile_seconds) if profile_seconds else None
         finished, _ = await asyncio.wait({task, done_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         cpu.__exit__()
         threads.__exit__()
+        collections.__exit__()
         if task in finished:
             task.result()
             raise RuntimeError("worker stopped before processing the backlog")
@@ -681,6 +713,7 @@ async def run_worker_backlog(
             await asyncio.wait_for(task, timeout=60)
         after_result = await after(parts.sink) if after is not None else None
     finally:
+        collections.__exit__()
         worker.request_stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=60)
@@ -716,6 +749,7 @@ async def run_worker_backlog(
         "load_average_before": load_before,
         "native_threads_before": native_before,
         "thread_cores": threads.cores,
+        "gc": collections.as_dict(),
         **cpu.as_dict(),
     }
 

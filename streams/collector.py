@@ -30,7 +30,11 @@ _saved_thresholds: tuple[int, int, int] = (700, 10, 10)
 
 @contextlib.contextmanager
 def steady_collector(young_threshold: int = YOUNG_THRESHOLD) -> Iterator[None]:
+    """0: the collector is left as it is."""
     global _users, _saved_thresholds
+    if not young_threshold:
+        yield
+        return
     if _users == 0:
         _saved_thresholds = gc.get_threshold()
         gc.freeze()  # garbage frozen with the rest is collected after `unfreeze`, at the end

@@ -21,7 +21,6 @@ result topic, so writes and results follow offset order whichever batch finishes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any, Iterable
@@ -252,7 +251,7 @@ class Worker:
             housekeeping = asyncio.create_task(self._housekeeping_loop(), name="housekeeping")
             self._started.set()
             try:
-                with steady_collector(s.gc_young_threshold) if s.gc_young_threshold else contextlib.nullcontext():
+                with steady_collector(s.gc_young_threshold):
                     await self._fetch_loop()
             finally:
                 housekeeping.cancel()

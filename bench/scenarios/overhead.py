@@ -9,8 +9,8 @@ In one measured unit, on the same short texts:
   small JSON result per message and commits (what a Kafka hop costs, with nothing else);
 - `worker`: `embedworker`'s Worker end to end with Redis and the default embedded store.
 Reported: both ratios, the worker's pauses, CPU per message, host CPU per message (the worker's CPU
-minus the tiny model's encode CPU on the same texts), each thread's cores (`thread_cores`) and a
-py-spy summary; then `encode` and `worker` again with torch on one thread (`one_torch_thread`,
+minus the tiny model's encode CPU on the same texts), each thread's cores (`thread_cores`), Python's
+garbage collections during the run (`gc`) and a py-spy summary; then `encode` and `worker` again with torch on one thread (`one_torch_thread`,
 other texts), the GPU-host stand-in: the model keeps one core, the host path gets the other.
 """
 
@@ -102,7 +102,7 @@ async def _worker_and_model(ctx: Context, tiny: Any, texts: list[str], *, profil
     model_cpu_ms = 1000 * encode["own_cores"] * encode["seconds"] / encode["messages"]
     return {
         "model_cpu_ms_per_message": model_cpu_ms, "host_cpu_ms_per_message": cpu_ms - model_cpu_ms,
-        "thread_cores": worker["thread_cores"], "encode": encode, "worker": worker,
+        "thread_cores": worker["thread_cores"], "gc": worker["gc"], "encode": encode, "worker": worker,
         "encode_rate": encode["rate"], "worker_rate": worker["rate"], "worker_over_encode": worker["rate"] / encode["rate"],
         "pauses": worker["pauses"], "cpu_ms_per_message": cpu_ms,
     }

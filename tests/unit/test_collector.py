@@ -30,3 +30,9 @@ def test_a_threshold_below_the_current_one_never_makes_collections_more_frequent
             assert gc.get_threshold()[0] == 5_000
     finally:
         gc.set_threshold(*before)
+
+
+def test_a_threshold_of_zero_leaves_the_collector_as_it_is():
+    before_threshold, before_frozen = gc.get_threshold(), gc.get_freeze_count()
+    with steady_collector(0):
+        assert (gc.get_threshold(), gc.get_freeze_count()) == (before_threshold, before_frozen)
